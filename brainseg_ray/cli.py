@@ -1,0 +1,135 @@
+"""The `brainseg` command. Each subcommand maps its flags onto a config and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from brainseg_ray.config import ConfigError
+from brainseg_ray.storage import StorageError
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with settings (flags and key=value override it)")
+    parser.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local instance)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides, e.g. slices_per_task=32")
+
+
+def _cmd_synth(args) -> int:
+    from brainseg_ray.config import SynthConfig, load_config
+    from brainseg_ray.data.synthetic import write_synthetic_dataset
+
+    cfg = load_config(SynthConfig, args.config, args.overrides, out=args.out, patients=args.patients, seed=args.seed)
+    summary = write_synthetic_dataset(cfg.out, patients=cfg.patients, seed=cfg.seed,
+                                      slices_per_patient=(cfg.min_slices, cfg.max_slices),
+                                      lesion_fraction=cfg.lesion_fraction)
+    print(f"synth: {summary.patients} patients, {summary.slices} slices "
+          f"({summary.tumour_slices} with lesion) -> {summary.root}")
+    return 0
+
+
+def _s3_values(args) -> dict:
+    return {"s3": {"endpoint_url": args.s3_endpoint}} if args.s3_endpoint else {}
+
+
+def _ray_values(args) -> dict:
+    return {"ray": {"address": args.address}} if args.address else {}
+
+
+def _cmd_ingest(args) -> int:
+    from brainseg_ray.config import IngestConfig, load_config
+    from brainseg_ray.data.ingest import ingest
+    from brainseg_ray.runtime import init_ray
+
+    cfg = load_config(IngestConfig, args.config, args.overrides, source=args.source, out=args.out,
+                      masks=args.masks, **_s3_values(args), **_ray_values(args))
+    init_ray(cfg.ray)
+    result = ingest(cfg)
+    print(result.summary_line())
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from brainseg_ray.demo import print_summary, run_demo
+
+    print_summary(run_demo(out=args.out, patients=args.patients))
+    return 0
+
+
+def _cmd_split(args) -> int:
+    import json
+
+    from brainseg_ray.data.split import assign_folds, assign_splits
+    from brainseg_ray.data.tables import read_slices_table
+    from brainseg_ray.storage import S3Options, write_bytes
+
+    s3 = S3Options(endpoint_url=args.s3_endpoint)
+    table = read_slices_table(args.data, s3, columns=["patient_id", "has_tumor"])
+    tumour: dict[str, int] = {}
+    for patient, has_tumor in zip(table.column("patient_id").to_pylist(), table.column("has_tumor").to_pylist()):
+        tumour[patient] = tumour.get(patient, 0) + int(bool(has_tumor))
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    result = {"seed": args.seed, "fractions": fractions, "splits": assign_splits(tumour, fractions, args.seed)}
+    if args.folds:
+        result["folds"] = assign_folds(tumour, args.folds, args.seed)
+    write_bytes(args.out, json.dumps(result, indent=2).encode(), s3)
+    counts = {name: sum(1 for v in result["splits"].values() if v == name) for name in ("train", "val", "test")}
+    print(f"split: {len(tumour)} patients -> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brainseg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic LGG-like slices in the kaggle_3m layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--patients", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("ingest", help="TIFF slices (folder, s3://, archive) -> Parquet dataset")
+    p.add_argument("source", help="folder, s3:// prefix, .tar/.tar.gz/.zip, or a glob of archives")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--masks", choices=["auto", "required", "optional"])
+    _add_common(p)
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("split", help="patient-level train/val/test split (and k folds) of an ingested dataset")
+    p.add_argument("data", help="ingested dataset (folder or s3:// prefix)")
+    p.add_argument("--out", required=True, help="split JSON to write")
+    p.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions")
+    p.add_argument("--folds", type=int, default=0, help="also assign k folds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--s3-endpoint", dest="s3_endpoint")
+    p.set_defaults(func=_cmd_split)
+
+    p = sub.add_parser("demo", help="the whole story on embedded synthetic data")
+    p.add_argument("--out", default="demo-out")
+    p.add_argument("--patients", type=int, default=12)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # key=value overrides may follow options (argparse would leave them unmatched after --out X).
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
+    try:
+        return args.func(args)
+    except (ConfigError, StorageError, ValueError, OSError) as exc:
+        # A user's mistake (bad path, bad setting) gets one clear line, not a traceback.
+        print(f"brainseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The one place for configuration: typed dataclasses, loaded from YAML, overridden by `key=value`.
+
+Every job takes one of these; defaults live here and nowhere else. Nested fields are addressed
+with dots on the command line, e.g. `brainseg ingest SRC --out DST s3.endpoint_url=http://...`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import yaml
+
+from brainseg_ray.storage import S3Options
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value that does not fit its field; the message names the field."""
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS, a running local cluster, or a new local one
+    num_cpus: int | None = None  # only when this process starts a local instance
+    include_dashboard: bool = False
+
+
+@dataclass
+class IngestConfig:
+    source: str = ""  # folder, s3:// prefix, archive, or a glob of archives
+    out: str = ""  # local folder or s3:// prefix for the Parquet dataset
+    masks: str = "auto"  # auto | required | optional (see catalog.build_catalog)
+    slices_per_task: int = 128  # large enough that Ray scheduling is a small share of a task
+    # A tar archive is streamed from its start by each task that reads it, so its slices are cut
+    # into at most this many tasks to bound the re-reading.
+    tasks_per_archive: int = 8
+    parquet_compression: str = "zstd"
+    parquet_compression_level: int | None = 1  # zstd level 1: near level 3's size at twice the speed
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class SynthConfig:
+    out: str = ""
+    patients: int = 10
+    seed: int = 0
+    min_slices: int = 20
+    max_slices: int = 30
+    lesion_fraction: float = 0.8
+
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return from_dict(annotation, value, prefix=f"{name}.")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, name) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, str) and isinstance(value, annotation) and not isinstance(value, bool):
+        return value
+    if annotation is Any:
+        return value
+    if annotation is dict and isinstance(value, dict):
+        return value
+    raise ConfigError(f"{name}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build a config dataclass from a plain mapping; unknown keys are errors, not ignored."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting {prefix}{unknown[0]} (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=value` pairs onto a nested mapping; values are parsed as YAML scalars."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
+                **values: Any) -> T:
+    """Defaults < YAML file < keyword values (from CLI flags) < key=value overrides."""
+    data: dict = {}
+    if path:
+        from brainseg_ray.storage import read_bytes
+
+        loaded = yaml.safe_load(read_bytes(path)) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data.update(loaded)
+    data.update({k: v for k, v in values.items() if v is not None})
+    apply_overrides(data, overrides or [])
+    return from_dict(cls, data)

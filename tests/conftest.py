@@ -1,0 +1,101 @@
+"""Shared fixtures: one local Ray instance per session, a real S3 endpoint (moto's server) on
+loopback, synthetic data in the kaggle_3m layout, and the shared real data when present."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Set before Ray or any AWS client starts: Ray workers inherit the driver's environment, so they
+# reach the same S3 endpoint through the standard variables, as a user's cluster would.
+S3_PORT = _free_port()
+os.environ.update({
+    "RAY_AUTH_MODE": "disabled",  # a private test instance; the cluster tests use tokens
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_EC2_METADATA_DISABLED": "true",
+})
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+SHARED_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev" / "kaggle_3m"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket: 's3://NAME'."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def upload_tree(local: Path, s3_uri: str) -> None:
+    from brainseg_ray import storage
+
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(storage.join(s3_uri, *path.relative_to(local).parts), path.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """6 synthetic patients, 8-12 slices each: OUT/kaggle_3m."""
+    from brainseg_ray.data.synthetic import write_synthetic_dataset
+
+    summary = write_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), patients=6, seed=7,
+                                      slices_per_patient=(8, 12))
+    return Path(summary.root)
+
+
+@pytest.fixture(scope="session")
+def shared_root() -> Path:
+    if not SHARED_ROOT.is_dir():
+        pytest.skip(f"real LGG slices not found at {SHARED_ROOT} (the shared data folder is absent)")
+    return SHARED_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_subset(shared_root, tmp_path_factory) -> Path:
+    """Three real patients and data.csv, linked into a kaggle_3m folder of their own."""
+    root = tmp_path_factory.mktemp("shared3") / "kaggle_3m"
+    root.mkdir()
+    patients = sorted(p for p in shared_root.iterdir() if p.is_dir())[:3]
+    for patient in patients:
+        (root / patient.name).symlink_to(patient, target_is_directory=True)
+    (root / "data.csv").symlink_to(shared_root / "data.csv")
+    return root

@@ -1,0 +1,27 @@
+"""Configuration: defaults < YAML < flags < key=value, with errors that name the setting."""
+
+from __future__ import annotations
+
+import pytest
+
+from brainseg_ray.config import ConfigError, IngestConfig, load_config
+
+
+def test_layers_override_in_order(tmp_path):
+    path = tmp_path / "ingest.yaml"
+    path.write_text("source: /a\nslices_per_task: 10\ns3:\n  region: eu-west-1\n")
+    cfg = load_config(IngestConfig, str(path), ["slices_per_task=20", "s3.endpoint_url=http://x:1"], source="/b")
+    assert (cfg.source, cfg.slices_per_task, cfg.s3.region, cfg.s3.endpoint_url) == ("/b", 20, "eu-west-1", "http://x:1")
+    assert load_config(IngestConfig).slices_per_task == IngestConfig().slices_per_task
+
+
+@pytest.mark.parametrize("override,message", [
+    ("nope=1", "unknown setting nope"),
+    ("s3.nope=1", "unknown setting s3.nope"),
+    ("slices_per_task=abc", "slices_per_task: expected int"),
+    ("ray.include_dashboard=maybe", "ray.include_dashboard: expected true or false"),
+    ("slices_per_task", "not of the form key=value"),
+])
+def test_bad_settings_name_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(IngestConfig, None, [override])

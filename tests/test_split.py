@@ -1,0 +1,202 @@
+"""Patient-level splits and folds: determinism, stratification, sizes and input checks."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from brainseg_ray.data.split import SPLITS, assign_folds, assign_splits
+
+
+def cohort(n_tumour: int, n_free: int, seed: int = 0) -> dict[str, int]:
+    """Synthetic cohort in the kaggle_3m id style; tumour patients have 1..40 tumour slices."""
+    rng = random.Random(seed)
+    institutions = ["CS", "DU", "EZ", "FG", "HT"]
+    ids = [f"TCGA_{rng.choice(institutions)}_{i:04d}_20000101" for i in range(n_tumour + n_free)]
+    return {pid: (rng.randint(1, 40) if i < n_tumour else 0) for i, pid in enumerate(ids)}
+
+
+LGG = cohort(n_tumour=70, n_free=40)  # roughly the size of the real data set (110 patients)
+
+FRACTIONS = [
+    (0.7, 0.15, 0.15),
+    (0.8, 0.1, 0.1),
+    (0.6, 0.2, 0.2),
+    (1 / 3, 1 / 3, 1 / 3),
+    (0.5, 0.5, 0.0),
+]
+
+
+def tumour_patients(patients: dict[str, int]) -> list[str]:
+    return [p for p, n in patients.items() if n > 0]
+
+
+def tumour_free_patients(patients: dict[str, int]) -> list[str]:
+    return [p for p, n in patients.items() if n == 0]
+
+
+# --- assign_splits ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fractions", FRACTIONS)
+def test_splits_are_deterministic(fractions):
+    assert assign_splits(LGG, fractions, seed=3) == assign_splits(LGG, fractions, seed=3)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 42])
+def test_splits_ignore_input_order(seed):
+    items = list(LGG.items())
+    random.Random(seed).shuffle(items)
+    assert assign_splits(dict(items), seed=seed) == assign_splits(LGG, seed=seed)
+    assert assign_splits(dict(reversed(items)), seed=seed) == assign_splits(LGG, seed=seed)
+
+
+def test_different_seeds_give_different_splits():
+    splits = [assign_splits(LGG, seed=s) for s in range(5)]
+    assert len({tuple(sorted(s.items())) for s in splits}) == 5
+
+
+@pytest.mark.parametrize("fractions", FRACTIONS)
+def test_every_patient_in_exactly_one_split(fractions):
+    split = assign_splits(LGG, fractions)
+    # A dict cannot hold a patient twice; check it holds exactly the input patients and valid names.
+    assert sorted(split) == sorted(LGG)
+    assert set(split.values()) <= set(SPLITS)
+    members = {s: {p for p, v in split.items() if v == s} for s in SPLITS}
+    assert sum(len(m) for m in members.values()) == len(LGG)
+    for a, b in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not members[a] & members[b]
+
+
+@pytest.mark.parametrize("fractions", FRACTIONS)
+@pytest.mark.parametrize("n_tumour,n_free", [(70, 40), (33, 17), (12, 9), (101, 0), (20, 80)])
+def test_split_sizes_within_one_patient_of_target(fractions, n_tumour, n_free):
+    patients = cohort(n_tumour, n_free, seed=n_tumour)
+    split = assign_splits(patients, fractions, seed=7)
+    for group in (list(patients), tumour_patients(patients), tumour_free_patients(patients)):
+        counts = Counter(split[p] for p in group)
+        for name, fraction in zip(SPLITS, fractions):
+            assert abs(counts[name] - fraction * len(group)) <= 1, (name, counts, len(group))
+
+
+# The guarantee holds when there is at least one tumour patient per non-zero split.
+@pytest.mark.parametrize(
+    "fractions,n_tumour,n_free",
+    [
+        (fractions, n_tumour, n_free)
+        for fractions in FRACTIONS
+        for n_tumour, n_free in [(70, 40), (3, 50), (2, 1), (3, 0), (5, 200)]
+        if n_tumour >= sum(f > 0 for f in fractions)
+    ],
+)
+def test_every_nonzero_split_gets_a_tumour_patient(fractions, n_tumour, n_free):
+    patients = cohort(n_tumour, n_free)
+    active = [s for s, f in zip(SPLITS, fractions) if f > 0]
+    for seed in range(10):
+        split = assign_splits(patients, fractions, seed=seed)
+        assert {split[p] for p in tumour_patients(patients)} >= set(active)
+
+
+def test_minimum_wins_over_proportion_for_tiny_cohorts():
+    # 0.7/0.15/0.15 of 3 would round to 2/1/0; the tumour minimum makes it 1/1/1.
+    split = assign_splits(cohort(3, 0), (0.7, 0.15, 0.15))
+    assert Counter(split.values()) == {"train": 1, "val": 1, "test": 1}
+
+
+def test_fewer_patients_than_splits_follows_plain_rounding():
+    # No minimum applies below one patient per split: 2 * 0.7 = 1.4 takes the remainder seat.
+    split = assign_splits({"TCGA_CS_0001_20000101": 4, "TCGA_CS_0002_20000101": 0})
+    assert Counter(split.values()) == {"train": 2}
+
+
+def test_zero_fraction_gives_empty_split():
+    split = assign_splits(LGG, (0.8, 0.2, 0.0))
+    assert "test" not in split.values()
+    assert Counter(split.values()) == {"train": 88, "val": 22}
+
+
+def test_all_in_one_split():
+    assert set(assign_splits(LGG, (0.0, 0.0, 1.0)).values()) == {"test"}
+
+
+def test_fractions_within_tolerance_are_accepted():
+    split = assign_splits(LGG, (0.7, 0.15, 0.15 + 5e-7))
+    assert sorted(split) == sorted(LGG)
+
+
+@pytest.mark.parametrize(
+    "patients,fractions,message",
+    [
+        ({}, (0.7, 0.15, 0.15), "empty"),
+        (LGG, (0.7, 0.2, 0.2), "sum to 1"),
+        (LGG, (0.7, 0.15, 0.1), "sum to 1"),
+        (LGG, (1.2, -0.1, -0.1), "negative"),
+        (LGG, (0.5, 0.5), "one value per split"),
+        (LGG, (float("nan"), 0.5, 0.5), "finite"),
+        ({"TCGA_CS_0001_20000101": -1}, (0.7, 0.15, 0.15), ">= 0"),
+    ],
+)
+def test_split_rejects_bad_input(patients, fractions, message):
+    with pytest.raises(ValueError, match=message):
+        assign_splits(patients, fractions)
+
+
+# --- assign_folds -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 10])
+def test_folds_are_deterministic_and_order_independent(k):
+    items = list(LGG.items())
+    random.Random(k).shuffle(items)
+    assert assign_folds(dict(items), k, seed=1) == assign_folds(LGG, k, seed=1)
+
+
+def test_different_seeds_give_different_folds():
+    folds = [assign_folds(LGG, 5, seed=s) for s in range(5)]
+    assert len({tuple(sorted(f.items())) for f in folds}) == 5
+
+
+@pytest.mark.parametrize(
+    "n_tumour,n_free,k",
+    [(70, 40, 5), (70, 40, 10), (33, 17, 3), (7, 0, 7), (0, 9, 4), (1, 1, 2), (13, 6, 19)],
+)
+def test_folds_partition_with_balanced_sizes(n_tumour, n_free, k):
+    patients = cohort(n_tumour, n_free, seed=k)
+    folds = assign_folds(patients, k, seed=2)
+    assert sorted(folds) == sorted(patients)
+    assert set(folds.values()) == set(range(k))
+    for group in (list(patients), tumour_patients(patients), tumour_free_patients(patients)):
+        sizes = [sum(folds[p] == f for p in group) for f in range(k)]
+        assert max(sizes) - min(sizes) <= 1, sizes
+
+
+@pytest.mark.parametrize("k", [3, 5, 10])
+def test_fold_tumour_burden_is_balanced(k):
+    folds = assign_folds(LGG, k)
+    burden = [sum(n for p, n in LGG.items() if folds[p] == f) for f in range(k)]
+    # Dealing heaviest-first in rounds keeps each fold within one heavy patient of the mean.
+    assert max(burden) - min(burden) <= max(LGG.values())
+    assert all(sum(1 for p in tumour_patients(LGG) if folds[p] == f) > 0 for f in range(k))
+
+
+@pytest.mark.parametrize(
+    "patients,k,message",
+    [
+        ({}, 5, "empty"),
+        (LGG, 1, "at least 2"),
+        (LGG, 0, "at least 2"),
+        (LGG, -3, "at least 2"),
+        (cohort(3, 1), 5, "more than the 4 patients"),
+        ({"TCGA_CS_0001_20000101": -2, "TCGA_CS_0002_20000101": 0}, 2, ">= 0"),
+    ],
+)
+def test_folds_reject_bad_input(patients, k, message):
+    with pytest.raises(ValueError, match=message):
+        assign_folds(patients, k)
+
+
+def test_folds_reject_non_integer_k():
+    with pytest.raises(TypeError, match="integer"):
+        assign_folds(LGG, 2.5)
