@@ -1,0 +1,222 @@
+"""The model artifact: a directory (local path or s3:// URI) holding weights and `model.json`.
+
+    weights.safetensors   the state_dict (weights.pt, a torch.save of a plain state_dict of
+                          tensors, when safetensors is not installed); never a pickled model
+    model.json            what the weights are: spec, input, normalisation, threshold, training
+                          config, data fingerprint, metrics, version. Written last: its presence
+                          means the artifact is complete.
+
+`load_artifact` is the one loader every consumer (evaluation, batch inference, serving) uses.
+Weights are read with safetensors or `torch.load(weights_only=True)`, so a file whose unpickling
+would run code is refused, and their SHA-256 is checked against model.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import torch
+from torch import nn
+
+from brainseg_ray import storage
+from brainseg_ray.data.schema import CHANNEL_NAMES, IMAGE_SIZE
+from brainseg_ray.models.registry import ModelSpec, build_model
+
+FORMAT_VERSION = 1
+METADATA_FILE = "model.json"
+SAFETENSORS_FILE = "weights.safetensors"
+TORCH_FILE = "weights.pt"
+
+try:  # optional: the fallback is a weights_only torch file
+    import safetensors.torch as _safetensors
+except ImportError:  # pragma: no cover - safetensors is installed here
+    _safetensors = None
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be written or loaded; the message names its URI and the reason."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"model artifact {uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+
+@dataclass
+class ModelArtifact:
+    spec: ModelSpec
+    metadata: dict  # the content of model.json
+    model: nn.Module  # eval mode, float32, CPU
+
+
+def save_artifact(
+    uri: str,
+    model: nn.Module,
+    spec: ModelSpec,
+    *,
+    normalisation: dict,
+    threshold: float = 0.5,
+    training: dict | None = None,
+    data_fingerprint: str | None = None,
+    metrics: dict | None = None,
+    half: bool = False,
+) -> str:
+    """Write `model`'s weights and model.json under `uri`; returns the artifact's version."""
+    for key in ("mean", "std"):
+        values = normalisation.get(key)
+        if not isinstance(values, (list, tuple)) or len(values) != spec.in_channels:
+            raise ArtifactError(uri, f"normalisation[{key!r}] must list {spec.in_channels} values, got {values!r}")
+    state = _plain_state_dict(model, half)
+    weights_file = SAFETENSORS_FILE if _safetensors is not None else TORCH_FILE
+    data = _serialise(state, weights_file)
+    digest = hashlib.sha256(data).hexdigest()
+    version = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', spec.name)}-{digest[:12]}"  # usable as a path or tag
+    model_fields = dataclasses.asdict(spec)
+    model_fields.pop("encoder_weights_path")  # the weights are in the artifact now
+    channels = list(CHANNEL_NAMES) if spec.in_channels == len(CHANNEL_NAMES) else None
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "architecture": spec.name,
+        "model": model_fields,
+        "input": {"size": IMAGE_SIZE, "channels": spec.in_channels, "channel_names": channels},
+        "normalisation": {"scale": 255, **normalisation},
+        "threshold": float(threshold),
+        "training": training or {},
+        "data_fingerprint": data_fingerprint,
+        "metrics": metrics or {},
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "version": version,
+        "dtype": "float16" if half else "float32",
+        "weights_file": weights_file,
+        "weights_sha256": digest,
+    }
+    text = json.dumps(metadata, indent=2, sort_keys=False, default=_json_default) + "\n"
+    meta_uri = storage.join(uri, METADATA_FILE)
+    # Remove an older model.json first, so a crash below leaves an incomplete artifact rather
+    # than old metadata beside new weights.
+    if storage.exists(meta_uri):
+        fs, path = storage.filesystem(meta_uri)
+        fs.rm(path)
+    storage.write_bytes(storage.join(uri, weights_file), data)
+    storage.write_bytes(meta_uri, text.encode())
+    return version
+
+
+def load_artifact(uri: str) -> ModelArtifact:
+    """The model under `uri`, in eval mode, float32 on CPU, with its metadata."""
+    metadata = _read_metadata(uri)
+    fields = dict(metadata.get("model") or {})
+    fields["name"] = metadata.get("architecture", fields.get("name"))
+    known = {f.name for f in dataclasses.fields(ModelSpec)} - {"encoder_weights_path"}
+    if not isinstance(fields["name"], str) or set(fields) - known:
+        raise ArtifactError(uri, f"model.json 'model' has unknown fields {sorted(set(fields) - known)} or no name")
+    spec = ModelSpec(**fields)
+    try:
+        model = build_model(spec)
+    except ValueError as exc:
+        raise ArtifactError(uri, f"unknown architecture: {exc}") from exc
+
+    weights_file = metadata.get("weights_file", SAFETENSORS_FILE)
+    if weights_file not in (SAFETENSORS_FILE, TORCH_FILE):
+        raise ArtifactError(uri, f"unsupported weights_file {weights_file!r}")
+    weights_uri = storage.join(uri, weights_file)
+    try:
+        data = storage.read_bytes(weights_uri)
+    except (storage.StorageError, OSError) as exc:
+        raise ArtifactError(uri, f"cannot read {weights_file}: {exc}") from exc
+    expected = metadata.get("weights_sha256")
+    if expected and hashlib.sha256(data).hexdigest() != expected:
+        raise ArtifactError(uri, f"{weights_file} does not match the SHA-256 in model.json (changed or partly written)")
+    state = _deserialise(uri, data, weights_file)
+    _load_state(uri, spec.name, model, state)
+    model.float().eval()
+    return ModelArtifact(spec=spec, metadata=metadata, model=model)
+
+
+def _read_metadata(uri: str) -> dict:
+    meta_uri = storage.join(uri, METADATA_FILE)
+    try:
+        present = storage.exists(meta_uri)
+    except storage.StorageError as exc:
+        raise ArtifactError(uri, str(exc)) from exc
+    if not present:
+        where = "no such directory" if not storage.is_s3(uri) and not storage.exists(uri) else f"no {METADATA_FILE}"
+        raise ArtifactError(uri, f"{where} (not an artifact, or one not completely written)")
+    try:
+        metadata = json.loads(storage.read_bytes(meta_uri))
+    except (ValueError, storage.StorageError, OSError) as exc:
+        raise ArtifactError(uri, f"unreadable {METADATA_FILE}: {exc}") from exc
+    if not isinstance(metadata, dict):
+        raise ArtifactError(uri, f"{METADATA_FILE} is not a JSON object")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(uri, f"unsupported format_version {metadata.get('format_version')!r} (this code reads {FORMAT_VERSION})")
+    return metadata
+
+
+def _plain_state_dict(model: nn.Module, half: bool) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU copies (safetensors needs unshared, contiguous tensors)."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().to("cpu")
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        state[name] = tensor.contiguous().clone()
+    return state
+
+
+def _serialise(state: dict[str, torch.Tensor], weights_file: str) -> bytes:
+    if weights_file == SAFETENSORS_FILE:
+        return _safetensors.save(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _deserialise(uri: str, data: bytes, weights_file: str) -> dict[str, torch.Tensor]:
+    if weights_file == SAFETENSORS_FILE:
+        if _safetensors is None:
+            raise ArtifactError(uri, f"{weights_file} needs the safetensors package, which is not installed")
+        try:
+            return _safetensors.load(data)
+        except Exception as exc:  # safetensors raises its own error types
+            raise ArtifactError(uri, f"unreadable {weights_file}: {exc}") from exc
+    try:
+        # weights_only: tensors and plain containers only; anything else (code) is refused.
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(
+            uri, f"refused {weights_file}: not a plain state_dict of tensors (weights-only load failed: {exc})"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ArtifactError(uri, f"{weights_file} is not a state_dict (a dict of name -> tensor)")
+    return state
+
+
+def _load_state(uri: str, name: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ArtifactError(
+            uri,
+            f"weights do not match architecture {name!r}: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}",
+        )
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ArtifactError(uri, f"weights do not match architecture {name!r} (shapes): {'; '.join(wrong[:5])}")
+    # float16 artifacts load back into the float32 module (copy_ converts; keep it explicit).
+    state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=True)
+
+
+def _json_default(value):
+    """Numbers and paths from training configs (numpy scalars, Path) as JSON."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
