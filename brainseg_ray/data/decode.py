@@ -49,9 +49,9 @@ def read_pixels(data: bytes, allowed: tuple[str, ...] = ("TIFF",)) -> np.ndarray
                          f"not a {'/'.join(allowed)} file ({found})")
     try:
         if kind == "TIFF":
-            import tifffile
+            from brainseg_ray.data.tiff import decode_tiff
 
-            return np.asarray(tifffile.imread(io.BytesIO(data)))
+            return decode_tiff(data)
         from PIL import Image
 
         with Image.open(io.BytesIO(data)) as img:
