@@ -10,7 +10,8 @@ Without --data the shared LGG development data is used, or synthetic data if tha
 (b) the loop a user would write without this project: tifffile.imread each image and mask, build
     the same columns, write one Parquet file with the same layout and compression at the end.
 
-Each side runs --repeats times; the median counts. The last line printed is one JSON object.
+Each side runs --repeats times, the two sides taking turns; the median counts. The last line
+printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -99,17 +100,19 @@ def _warm_up_copy(root: Path, into: Path) -> Path:
     return target
 
 
-def _timed(label: str, run, repeats: int) -> tuple[float, int]:
-    """Median seconds of `repeats` runs of run() -> rows; prints each run."""
-    seconds, rows = [], None
+def _timed_pairs(runs: dict, repeats: int) -> dict[str, tuple[float, int]]:
+    """{label: (median seconds, rows)} over `repeats` rounds; each round runs every side once, in
+    turn, so that other work on the machine weighs on both sides alike. Prints each run."""
+    seconds: dict[str, list[float]] = {label: [] for label in runs}
+    rows: dict[str, int] = {}
     for attempt in range(1, repeats + 1):
-        started = time.perf_counter()
-        count = run()
-        seconds.append(time.perf_counter() - started)
-        print(f"  {label} run {attempt}: {count} slices in {seconds[-1]:.2f} s", flush=True)
-        assert rows is None or rows == count, (rows, count)
-        rows = count
-    return statistics.median(seconds), rows
+        for label, run in runs.items():
+            started = time.perf_counter()
+            count = run()
+            seconds[label].append(time.perf_counter() - started)
+            print(f"  {label} run {attempt}: {count} slices in {seconds[label][-1]:.2f} s", flush=True)
+            assert rows.setdefault(label, count) == count, (label, rows[label], count)
+    return {label: (statistics.median(seconds[label]), rows[label]) for label in runs}
 
 
 def _resolve_data(requested: str | None, scratch: Path) -> Path:
@@ -157,8 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
         init_ray(RayConfig(num_cpus=cpus))
         ray.data.DataContext.get_current().enable_progress_bars = False
         warm_root = _warm_up_copy(root, scratch / "warm-up")
+        # Small tasks, at least two per CPU, so that every worker process is started.
+        warm_task_size = max(1, len(_slice_pairs(warm_root)) // (2 * cpus))
         started = time.perf_counter()
-        ingest(IngestConfig(source=str(warm_root), out=str(scratch / "warm-up-out"), **task_size))
+        ingest(IngestConfig(source=str(warm_root), out=str(scratch / "warm-up-out"), slices_per_task=warm_task_size))
         print(f"bench: warm-up ingest of {WARM_UP_PATIENTS} patients took {time.perf_counter() - started:.2f} s "
               "(not counted: it starts Ray's workers)", flush=True)
 
@@ -170,8 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         def loop_run() -> int:
             return loop_ingest(root, scratch / "loop.parquet")
 
-        ray_s, ray_rows = _timed("ray ingest", ray_run, args.repeats)
-        loop_s, loop_rows = _timed("loop", loop_run, args.repeats)
+        timings = _timed_pairs({"ray ingest": ray_run, "loop": loop_run}, args.repeats)
+        (ray_s, ray_rows), (loop_s, loop_rows) = timings["ray ingest"], timings["loop"]
         ray.shutdown()
 
     assert ray_rows == loop_rows == slices, (ray_rows, loop_rows, slices)
