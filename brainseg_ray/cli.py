@@ -61,14 +61,11 @@ def _cmd_split(args) -> int:
     import json
 
     from brainseg_ray.data.split import assign_folds, assign_splits
-    from brainseg_ray.data.tables import read_slices_table
+    from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.storage import S3Options, write_bytes
 
     s3 = S3Options(endpoint_url=args.s3_endpoint)
-    table = read_slices_table(args.data, s3, columns=["patient_id", "has_tumor"])
-    tumour: dict[str, int] = {}
-    for patient, has_tumor in zip(table.column("patient_id").to_pylist(), table.column("has_tumor").to_pylist()):
-        tumour[patient] = tumour.get(patient, 0) + int(bool(has_tumor))
+    tumour = tumour_slices_by_patient(args.data, s3)
     fractions = tuple(float(f) for f in args.fractions.split(","))
     result = {"seed": args.seed, "fractions": fractions, "splits": assign_splits(tumour, fractions, args.seed)}
     if args.folds:

@@ -13,7 +13,7 @@ from brainseg_ray.config import IngestConfig, RayConfig
 from brainseg_ray.data.ingest import ingest
 from brainseg_ray.data.split import assign_splits
 from brainseg_ray.data.synthetic import write_synthetic_dataset
-from brainseg_ray.data.tables import read_slices_table
+from brainseg_ray.data.tables import tumour_slices_by_patient
 from brainseg_ray.runtime import init_ray
 
 
@@ -22,11 +22,7 @@ def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayC
     synth = write_synthetic_dataset(os.path.join(out, "synthetic"), patients=patients, seed=seed)
     init_ray(ray or RayConfig())
     result = ingest(IngestConfig(source=synth.root, out=os.path.join(out, "dataset")))
-    table = read_slices_table(result.out, columns=["patient_id", "has_tumor"])
-    tumour_slices: dict[str, int] = {}
-    for patient, has_tumor in zip(table.column("patient_id").to_pylist(), table.column("has_tumor").to_pylist()):
-        tumour_slices[patient] = tumour_slices.get(patient, 0) + int(bool(has_tumor))
-    splits = assign_splits(tumour_slices, seed=seed)
+    splits = assign_splits(tumour_slices_by_patient(result.out), seed=seed)
     per_split = {name: sum(1 for s in splits.values() if s == name) for name in ("train", "val", "test")}
     summary = {
         "synthetic patients": synth.patients,

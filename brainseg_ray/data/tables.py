@@ -83,3 +83,12 @@ def read_slices_table(uri: str, s3: storage.S3Options | None = None, columns: li
     table = pq.read_table(path, filesystem=fs, columns=columns, filters=filters)
     keys = [k for k in ("patient_id", "slice_index") if k in table.column_names]
     return table.sort_by([(k, "ascending") for k in keys]) if keys else table
+
+
+def tumour_slices_by_patient(uri: str, s3: storage.S3Options | None = None) -> dict[str, int]:
+    """patient_id -> number of slices with tumour, the input of the patient-level split."""
+    table = read_slices_table(uri, s3, columns=["patient_id", "has_tumor"])
+    counts: dict[str, int] = {}
+    for patient, has_tumor in zip(table.column("patient_id").to_pylist(), table.column("has_tumor").to_pylist()):
+        counts[patient] = counts.get(patient, 0) + int(bool(has_tumor))
+    return counts
