@@ -27,7 +27,9 @@ class ConfigError(ValueError):
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS, a running local cluster, or a new local one
     num_cpus: int | None = None  # only when this process starts a local instance
-    include_dashboard: bool = False
+    # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (it
+    # warns every few seconds without it) and `ray list`/`ray status` use.
+    include_dashboard: bool = True
 
 
 @dataclass
@@ -41,6 +43,75 @@ class IngestConfig:
     tasks_per_archive: int = 8
     parquet_compression: str = "zstd"
     parquet_compression_level: int | None = 1  # zstd level 1: near level 3's size at twice the speed
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""  # ingested dataset (folder or s3:// prefix)
+    out: str = ""  # run folder: checkpoints/, model/, history.csv/json, curves.png, split.json
+    # model
+    model: str = "unet-resnet34"  # a registry name (see `brainseg models`)
+    encoder_depth: int = 5
+    base_filters: int = 32
+    encoder_weights_path: str | None = None  # local encoder state_dict; nothing is downloaded
+    image_size: int = 256  # slices are resized to this for the model (smaller: faster search)
+    # patients: a split file from `brainseg split`, else a fold, else a drawn split
+    split_file: str | None = None
+    fold: int | None = None  # validate on this fold of `folds`, train on the others
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    # optimisation
+    epochs: int = 30
+    batch_size: int = 16  # per worker
+    lr: float = 1e-3  # one-cycle peak learning rate (see `brainseg lr-find`)
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    loss: str = "bce_dice"
+    augmentation: str = "light"  # none | light | strong
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: AMP on GPU, bf16 on CPUs that have it)
+    channels_last: bool = True
+    threshold: float = 0.5
+    early_stopping_patience: int = 8  # epochs without a better validation per-patient Dice
+    min_delta: float = 0.0
+    keep_checkpoints: int = 2  # best N by validation per-patient Dice (the latest is kept too)
+    resume: bool = True  # continue from the latest checkpoint under `out`
+    half_weights: bool = False  # store the final model in float16 (half the size)
+    # resources
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out over the workers
+    max_failures: int = 0  # worker failures Ray Train recovers from within one run
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class LrFindConfig:
+    train: TrainConfig = field(default_factory=TrainConfig)
+    start_lr: float = 1e-7
+    end_lr: float = 1.0
+    steps: int = 100
+    out: str = ""  # folder for lr_find.png and lr_find.json (default: train.out)
+
+
+@dataclass
+class EvaluateConfig:
+    models: list[str] = field(default_factory=list)  # artifact folders or s3:// URIs
+    data: str = ""  # ingested dataset
+    out: str = ""  # report folder
+    split_file: str | None = None
+    split: str = "all"  # all, or a split name in split_file (train | val | test)
+    fold: int | None = None  # or: the patients of this fold of split_file's folds
+    threshold: float | None = None  # None: each model's own threshold
+    batch_size: int = 16
+    concurrency: int = 1  # predictor actors per model
+    cpus_per_actor: float = 1.0
+    use_gpu: bool = False
+    precision: str = "auto"
+    worst_slices: int = 12
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
 
@@ -88,6 +159,12 @@ def _coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        # YAML 1.1 reads "1e-5" (no dot) as a string; it is a number to anyone typing lr=1e-5.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation in (int, str) and isinstance(value, annotation) and not isinstance(value, bool):
         return value
     if annotation is Any:

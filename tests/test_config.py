@@ -25,3 +25,24 @@ def test_layers_override_in_order(tmp_path):
 def test_bad_settings_name_the_setting(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(IngestConfig, None, [override])
+
+
+@pytest.mark.parametrize("override, expected", [("lr=1e-5", 1e-5), ("lr=0.003", 0.003), ("lr=2", 2.0), ("lr=1.0e-4", 1e-4)])
+def test_float_settings_read_like_numbers(override, expected):
+    from brainseg_ray.config import TrainConfig
+
+    assert load_config(TrainConfig, None, [override]).lr == expected
+
+
+def test_a_word_is_not_a_float():
+    from brainseg_ray.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="lr: expected float"):
+        load_config(TrainConfig, None, ["lr=fast"])
+
+
+def test_nested_train_settings_of_lr_find():
+    from brainseg_ray.config import LrFindConfig
+
+    cfg = load_config(LrFindConfig, None, ["train.batch_size=8", "steps=50"], train={"data": "/d"})
+    assert (cfg.train.batch_size, cfg.train.data, cfg.steps) == (8, "/d", 50)

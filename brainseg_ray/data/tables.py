@@ -92,3 +92,24 @@ def tumour_slices_by_patient(uri: str, s3: storage.S3Options | None = None) -> d
     for patient, has_tumor in zip(table.column("patient_id").to_pylist(), table.column("has_tumor").to_pylist()):
         counts[patient] = counts.get(patient, 0) + int(bool(has_tumor))
     return counts
+
+
+def _keep_labelled_patients(batch: pa.Table, patients: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    keep = pc.and_(pc.is_in(batch.column("patient_id"), value_set=pa.array(patients, pa.string())),
+                   pc.fill_null(batch.column("labelled"), False))
+    return batch.filter(keep).drop_columns(["labelled"])
+
+
+def patients_dataset(uri: str, s3: storage.S3Options | None, patients: list[str],
+                     columns: tuple[str, ...] = ("patient_id", "slice_index", "image", "mask"),
+                     shuffle_seed: int | None = None):
+    """A lazy Ray dataset of the labelled slices of `patients` (what training and evaluation use)."""
+    import ray
+
+    fs, path = storage.arrow_filesystem(storage.join(uri, schema.SLICES_DIR), s3)
+    ds = ray.data.read_parquet(path, filesystem=fs).select_columns([*columns, "labelled"])
+    ds = ds.map_batches(_keep_labelled_patients, fn_kwargs={"patients": sorted(patients)},
+                        batch_format="pyarrow", batch_size=None)
+    return ds.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else ds

@@ -66,8 +66,13 @@ def save_artifact(
     data_fingerprint: str | None = None,
     metrics: dict | None = None,
     half: bool = False,
+    input_size: int = IMAGE_SIZE,
 ) -> str:
-    """Write `model`'s weights and model.json under `uri`; returns the artifact's version."""
+    """Write `model`'s weights and model.json under `uri`; returns the artifact's version.
+
+    `input_size` is the side the model was trained at: consumers resize slices to it and its
+    output back to the slice's size (models/inputs.py).
+    """
     for key in ("mean", "std"):
         values = normalisation.get(key)
         if not isinstance(values, (list, tuple)) or len(values) != spec.in_channels:
@@ -84,7 +89,7 @@ def save_artifact(
         "format_version": FORMAT_VERSION,
         "architecture": spec.name,
         "model": model_fields,
-        "input": {"size": IMAGE_SIZE, "channels": spec.in_channels, "channel_names": channels},
+        "input": {"size": int(input_size), "channels": spec.in_channels, "channel_names": channels},
         "normalisation": {"scale": 255, **normalisation},
         "threshold": float(threshold),
         "training": training or {},

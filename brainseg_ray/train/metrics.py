@@ -295,19 +295,30 @@ class SegmentationMetrics:
         if not ids:
             return
 
-        # Vectorised per-slice counts; only the Python loop below is per slice.
+        # Vectorised per-slice counts; only the Python loop in update_counts is per slice.
         tp = np.count_nonzero(p & t, axis=(1, 2))
         n_pred = np.count_nonzero(p, axis=(1, 2))
         n_truth = np.count_nonzero(t, axis=(1, 2))
         pixels = p.shape[1] * p.shape[2]
-        for pid, a, np_, nt in zip(ids, tp.tolist(), n_pred.tolist(), n_truth.tolist()):
-            counts = PixelCounts(tp=a, fp=np_ - a, fn=nt - a, tn=pixels - np_ - nt + a)
+        self.update_counts(ids, tp, n_pred - tp, n_truth - tp, pixels - n_pred - n_truth + tp)
+
+    def update_counts(self, patient_ids: Sequence[str], tp: Any, fp: Any, fn: Any, tn: Any) -> None:
+        """Add slices given by their pixel counts (one entry per slice), e.g. counted on a Ray
+        worker so that masks never travel; the same result as `update` on the masks."""
+        tp, fp, fn, tn = (np.asarray(a, dtype=np.int64).reshape(-1) for a in (tp, fp, fn, tn))
+        ids = list(patient_ids)
+        if not (len(ids) == len(tp) == len(fp) == len(fn) == len(tn)):
+            raise ValueError("patient_ids and the tp/fp/fn/tn counts must have one entry per slice")
+        if (np.concatenate([tp, fp, fn, tn]) < 0).any():
+            raise ValueError("pixel counts must not be negative")
+        for pid, a, b, c, d in zip(ids, tp.tolist(), fp.tolist(), fn.tolist(), tn.tolist()):
+            counts = PixelCounts(tp=a, fp=b, fn=c, tn=d)
             self.patients[pid] = self.patients.get(pid, PixelCounts()) + counts
-            if nt > 0:
+            if a + c > 0:
                 self.tumour_slices += 1
                 self.slice_dice_sum += counts.dice
                 self.slice_iou_sum += counts.iou
-        self.detection = self.detection + detection_counts(n_pred > 0, n_truth > 0)
+        self.detection = self.detection + detection_counts(tp + fp > 0, tp + fn > 0)
         self.num_slices += len(ids)
 
     def merge(self, other: SegmentationMetrics) -> SegmentationMetrics:

@@ -1,0 +1,180 @@
+"""The pieces under the train job: device/precision choice, the model-input contract, one
+optimisation step, the validation pass and the per-slice evaluation loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from brainseg_ray.compat import ensure_torchvision_importable
+from brainseg_ray.devices import cpu_has_native_bf16, pick_device, resolve_precision
+from brainseg_ray.evaluate.run import per_slice_loss
+from brainseg_ray.models.inputs import (
+    DEFAULT_NORMALISATION,
+    images_to_tensor,
+    logits_to_probabilities,
+    masks_to_tensor,
+    normalisation_from_profile,
+)
+from brainseg_ray.models.registry import ModelSpec, build_model
+from brainseg_ray.train.losses import build_loss
+from brainseg_ray.train.metrics import SegmentationMetrics
+from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, validate
+
+ensure_torchvision_importable()
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("asked, expected", [
+    ("fp32", "fp32"),
+    ("bf16", "bf16"),
+    ("auto", "bf16" if cpu_has_native_bf16() else "fp32"),
+])
+def test_precision_on_cpu(asked, expected):
+    assert resolve_precision(asked, CPU) == expected
+
+
+@pytest.mark.parametrize("asked, message", [("fp16", "needs a GPU"), ("half", "unknown precision")])
+def test_bad_precision_is_refused(asked, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_precision(asked, CPU)
+
+
+def test_device_choice():
+    assert pick_device(False).type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            pick_device(True)
+
+
+def test_images_to_tensor_normalises_per_channel_and_resizes():
+    images = np.zeros((2, 4, 4, 3), np.uint8)
+    images[..., 0], images[..., 1], images[..., 2] = 0, 51, 255
+    norm = {"scale": 255, "mean": [0.0, 0.2, 0.5], "std": [1.0, 0.1, 0.25]}
+    x = images_to_tensor(images, norm, size=4)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 0], torch.tensor(0.0))
+    assert torch.allclose(x[:, 1], torch.tensor(0.0), atol=1e-6)  # 51/255 = 0.2 -> (0.2-0.2)/0.1
+    assert torch.allclose(x[:, 2], torch.tensor(2.0))  # (1.0-0.5)/0.25
+    resized = images_to_tensor(images, norm, size=8, channels_last=True)
+    assert resized.shape == (2, 3, 8, 8) and resized.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(resized[:, 2], torch.tensor(2.0))  # a constant stays constant
+
+
+def test_masks_stay_binary_when_resized():
+    masks = np.zeros((1, 8, 8), np.uint8)
+    masks[0, 2:6, 2:6] = 1
+    y = masks_to_tensor(masks, size=4)
+    assert y.shape == (1, 1, 4, 4)
+    assert set(torch.unique(y).tolist()) == {0.0, 1.0}
+    assert int(y.sum()) == 4  # the 4x4 square becomes 2x2
+
+
+def test_logits_to_probabilities_upsamples_then_squashes():
+    logits = torch.zeros((3, 1, 4, 4))
+    logits[1] = 20.0
+    probs = logits_to_probabilities(logits, 8, 8)
+    assert probs.shape == (3, 8, 8)
+    assert torch.allclose(probs[0], torch.tensor(0.5)) and bool((probs[1] > 0.999).all())
+
+
+def test_normalisation_from_the_ingest_profile():
+    norm = normalisation_from_profile({"channels": {"mean": [51.0, 102.0, 0.0], "std": [25.5, 51.0, 255.0]}})
+    assert norm["scale"] == 255
+    assert np.allclose(norm["mean"], [0.2, 0.4, 0.0]) and np.allclose(norm["std"], [0.1, 0.2, 1.0])
+    # Unknown statistics (an empty dataset) fall back to the default rather than dividing by 0.
+    assert normalisation_from_profile({"channels": {"mean": [None] * 3, "std": [None] * 3}}) == DEFAULT_NORMALISATION
+    assert normalisation_from_profile({"channels": {"mean": [1, 2, 3], "std": [0, 1, 1]}}) == DEFAULT_NORMALISATION
+    assert normalisation_from_profile(None) == DEFAULT_NORMALISATION
+
+
+def _blob_batch(n=4, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, (n, size, size, 3), dtype=np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        y, x = rng.integers(4, size - 12, 2)
+        masks[i, y:y + 8, x:x + 8] = 1
+        images[i, y:y + 8, x:x + 8, 1] = 220  # bright in FLAIR, like a lesion
+    return images, masks
+
+
+def test_train_step_fits_one_batch_and_respects_the_schedule():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", base_filters=4))
+    optimizer = build_optimizer(model, lr=3e-2, weight_decay=1e-4)
+    scheduler = build_one_cycle(optimizer, lr=3e-2, total_steps=30)
+    step = TrainStep(model, build_loss("bce_dice"), optimizer, CPU, "fp32", grad_clip=1.0, scheduler=scheduler)
+    images, masks = _blob_batch()
+    x, y = images_to_tensor(images, DEFAULT_NORMALISATION, 32), masks_to_tensor(masks, 32)
+    losses = [step(x, y) for _ in range(35)]  # more steps than the schedule: must not raise
+    assert losses[-1] < 0.5 * losses[0]
+    assert scheduler.last_epoch == scheduler.total_steps - 1
+    # Weight decay skips biases and batch-norm weights.
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and all(p.ndim <= 1 for p in plain["params"])
+
+    state = step.state_dict()
+    fresh_opt = build_optimizer(model, lr=1e-2, weight_decay=1e-4)
+    fresh = TrainStep(model, build_loss("bce_dice"), fresh_opt, CPU, "fp32", 1.0, build_one_cycle(fresh_opt, 3e-2, 30))
+    fresh.load_state_dict(state)
+    assert fresh.scheduler.last_epoch == scheduler.last_epoch
+    assert fresh_opt.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+class _Constant(torch.nn.Module):
+    """Logits of one value everywhere: every pixel predicted tumour (or none)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full((x.shape[0], 1, x.shape[2], x.shape[3]), self.value)
+
+
+@pytest.mark.parametrize("value", [10.0, -10.0])
+def test_validate_matches_the_metrics_on_explicit_masks(value):
+    images, masks = _blob_batch(n=5, size=32, seed=3)
+    masks[4] = 0  # one tumour-free slice
+    ids = ["A", "A", "B", "B", "B"]
+    batches = [(ids[:2], images[:2], masks[:2]), (ids[2:], images[2:], masks[2:])]
+    metrics, loss_sum, count = validate(_Constant(value), batches, loss_fn=build_loss("bce"),
+                                        normalisation=DEFAULT_NORMALISATION, size=32, device=CPU,
+                                        precision="fp32", channels_last=False, threshold=0.5)
+    expected = SegmentationMetrics()
+    expected.update(ids, np.full(masks.shape, value > 0), masks.astype(bool))
+    assert metrics.compute() == expected.compute()
+    assert count == 5 and loss_sum > 0
+
+
+def test_update_counts_equals_update_on_masks():
+    rng = np.random.default_rng(1)
+    preds, truths = rng.random((6, 16, 16)) > 0.7, rng.random((6, 16, 16)) > 0.8
+    truths[2] = False
+    preds[3] = False
+    ids = ["p1", "p1", "p2", "p2", "p3", "p3"]
+    a, b = SegmentationMetrics(), SegmentationMetrics()
+    a.update(ids, preds, truths)
+    tp = (preds & truths).sum(axis=(1, 2))
+    b.update_counts(ids, tp, preds.sum(axis=(1, 2)) - tp, truths.sum(axis=(1, 2)) - tp,
+                    256 - (preds | truths).sum(axis=(1, 2)))
+    assert a.compute() == b.compute()
+    with pytest.raises(ValueError, match="one entry per slice"):
+        b.update_counts(ids[:2], tp, tp, tp, tp)
+    with pytest.raises(ValueError, match="negative"):
+        b.update_counts(["x"], [-1], [0], [0], [0])
+
+
+def test_per_slice_loss_by_hand():
+    truth = np.zeros((2, 2, 2), bool)
+    truth[0, 0, 0] = True
+    perfect = truth.astype(np.float32)
+    loss = per_slice_loss(perfect, truth)
+    assert np.allclose(loss, 0.0, atol=1e-5)
+    half = np.full((1, 2, 2), 0.5, np.float32)
+    # BCE of 0.5 is ln 2 everywhere; soft Dice = (2*0.5 + 1) / (2 + 1 + 1) = 0.5.
+    assert np.isclose(per_slice_loss(half, truth[:1])[0], np.log(2) + 0.5, atol=1e-6)
