@@ -50,6 +50,52 @@ def _cmd_ingest(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from brainseg_ray.config import TrainConfig, load_config
+    from brainseg_ray.runtime import init_ray
+    from brainseg_ray.train.trainer import train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides, data=args.data, out=args.out, model=args.model,
+                      epochs=args.epochs, num_workers=args.num_workers, **_s3_values(args), **_ray_values(args))
+    init_ray(cfg.ray)
+    print(train(cfg).summary_line())
+    return 0
+
+
+def _cmd_lr_find(args) -> int:
+    from brainseg_ray.config import LrFindConfig, load_config
+    from brainseg_ray.train.lr_find import lr_find
+
+    # Flags go in as train.* overrides so they merge with a YAML train: section, not replace it.
+    flags = {"train.data": args.data, "train.model": args.model, "train.s3.endpoint_url": args.s3_endpoint}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v] + list(args.overrides or [])
+    cfg = load_config(LrFindConfig, args.config, overrides, out=args.out)
+    print(lr_find(cfg).summary_line())
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from brainseg_ray.config import EvaluateConfig, load_config
+    from brainseg_ray.evaluate.run import evaluate
+    from brainseg_ray.runtime import init_ray
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides, models=args.model or None, data=args.data,
+                      out=args.out, split_file=args.split_file, split=args.split, **_s3_values(args),
+                      **_ray_values(args))
+    init_ray(cfg.ray)
+    print(evaluate(cfg).summary_line())
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from brainseg_ray.models.registry import available_models
+
+    for name in available_models():
+        print(name)
+    print("smp:<Architecture>:<encoder>  (any segmentation-models-pytorch pair)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from brainseg_ray.demo import print_summary, run_demo
 
@@ -104,11 +150,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", dest="s3_endpoint")
     p.set_defaults(func=_cmd_split)
 
+    p = sub.add_parser("train", help="train a segmentation model with Ray Train on an ingested dataset")
+    p.add_argument("--data", help="ingested dataset (folder or s3:// prefix)")
+    p.add_argument("--out", help="run folder (checkpoints, history, curves, model); rerun to resume")
+    p.add_argument("--model", help="registry name, e.g. unet, unet-resnet34 (see `brainseg models`)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--num-workers", dest="num_workers", type=int)
+    _add_common(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: loss against LR, plot and suggestion")
+    p.add_argument("--data", help="ingested dataset")
+    p.add_argument("--out", help="folder for lr_find.png and lr_find.json")
+    p.add_argument("--model")
+    p.add_argument("--config", help="YAML: start_lr, end_lr, steps, and a train: section (as for train)")
+    p.add_argument("--s3-endpoint", dest="s3_endpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.batch_size=8 steps=80")
+    p.set_defaults(func=_cmd_lr_find)
+
+    p = sub.add_parser("evaluate", help="evaluate model artifacts on an ingested dataset: a report")
+    p.add_argument("--model", action="append", help="model artifact (repeat to compare several)")
+    p.add_argument("--data", help="ingested dataset")
+    p.add_argument("--out", help="report folder")
+    p.add_argument("--split-file", dest="split_file", help="split JSON (from `brainseg split` or a train run)")
+    p.add_argument("--split", help="split name to evaluate (train, val, test) or all")
+    _add_common(p)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("models", help="list the model names the registry knows")
+    p.set_defaults(func=_cmd_models)
+
     p = sub.add_parser("demo", help="the whole story on embedded synthetic data")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--patients", type=int, default=12)
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _job_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "your input or setting is wrong", one line each for the user."""
+    from brainseg_ray.models.artifact import ArtifactError
+    from brainseg_ray.train.trainer import TrainingError
+
+    return (ArtifactError, TrainingError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*(args.overrides or []), *extra]
     try:
         return args.func(args)
-    except (ConfigError, StorageError, ValueError, OSError) as exc:
+    except (ConfigError, StorageError, ValueError, OSError, *_job_errors()) as exc:
         # A user's mistake (bad path, bad setting) gets one clear line, not a traceback.
         print(f"brainseg {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,8 @@ SHARED_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev
 def ray_local():
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
     ray.data.DataContext.get_current().print_on_execution_start = False
     yield ray
     ray.shutdown()
@@ -80,6 +81,17 @@ def synthetic_root(tmp_path_factory) -> Path:
     summary = write_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), patients=6, seed=7,
                                       slices_per_patient=(8, 12))
     return Path(summary.root)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(ray_local, synthetic_root, tmp_path_factory) -> str:
+    """`synthetic_root` ingested: a Parquet dataset folder (6 patients)."""
+    from brainseg_ray.config import IngestConfig
+    from brainseg_ray.data.ingest import ingest
+
+    out = str(tmp_path_factory.mktemp("synth-ds"))
+    ingest(IngestConfig(source=str(synthetic_root), out=out))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,61 @@
+"""A loaded model artifact that turns uint8 slices into probability maps and masks.
+
+Preprocessing comes from the artifact (models/inputs.py), so evaluation, the batch job and Serve
+see exactly what training saw. Device and precision follow devices.py ("auto": GPU when present;
+bf16 only on CPUs with native bf16).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from brainseg_ray.devices import autocast, pick_device, resolve_precision
+from brainseg_ray.models.artifact import ModelArtifact, load_artifact
+from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities
+
+
+class Predictor:
+    def __init__(self, artifact: ModelArtifact, *, use_gpu: bool | str = "auto", precision: str = "auto",
+                 channels_last: bool = True, batch_size: int = 16, threads: int | None = None):
+        if threads:
+            # Ray sets OMP_NUM_THREADS=1 in its workers; an actor given N CPUs should use them.
+            torch.set_num_threads(threads)
+        self.artifact = artifact
+        self.metadata = artifact.metadata
+        self.device = pick_device(use_gpu)
+        self.precision = resolve_precision(precision, self.device)
+        self.channels_last = channels_last
+        self.batch_size = batch_size
+        self.normalisation = self.metadata["normalisation"]
+        self.input_size = int(self.metadata["input"]["size"])
+        self.threshold = float(self.metadata.get("threshold", 0.5))
+        self.version = self.metadata.get("version", "")
+        model = artifact.model.to(self.device).eval()
+        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+
+    @classmethod
+    def load(cls, uri: str, **kwargs) -> Predictor:
+        return cls(load_artifact(uri), **kwargs)
+
+    @torch.inference_mode()
+    def logits(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [N,H,W,3] -> float32 logits [N,1,s,s] at the model's input size (on CPU)."""
+        outputs = []
+        for start in range(0, len(images), self.batch_size):
+            x = images_to_tensor(images[start:start + self.batch_size], self.normalisation, self.input_size,
+                                 self.device, self.channels_last)
+            with autocast(self.precision, self.device):
+                outputs.append(self.model(x).float().cpu())
+        if not outputs:
+            return torch.zeros((0, 1, self.input_size, self.input_size))
+        return torch.cat(outputs)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] -> float32 [N,H,W] tumour probabilities at the slices' own size."""
+        logits = self.logits(images)
+        return logits_to_probabilities(logits, images.shape[1], images.shape[2]).numpy()
+
+    def masks(self, probabilities: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """Probabilities -> uint8 {0,1} masks at the artifact's (or the given) threshold."""
+        return (probabilities > (self.threshold if threshold is None else threshold)).astype(np.uint8)

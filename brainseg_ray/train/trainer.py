@@ -1,0 +1,256 @@
+"""The train job's driver: choose patients, build the Ray datasets, run the TorchTrainer, and
+leave a run folder behind:
+
+    OUT/split.json        which patients trained and which validated
+    OUT/checkpoints/      Ray Train's run folder: epoch-NNNN/ (model artifact + optimiser state),
+                          the best `keep_checkpoints` by validation per-patient Dice and the latest
+    OUT/history.json|csv  one row per epoch; OUT/curves.png the loss and Dice curves
+    OUT/model/            the best epoch's model artifact, what `evaluate`, `segment` and `serve` take
+
+Running the same command again over OUT resumes from the latest checkpoint (Ray Train restores
+it from the checkpoints folder's snapshot), unless `resume=false`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from brainseg_ray import storage
+from brainseg_ray.config import TrainConfig, to_dict
+from brainseg_ray.data import schema
+from brainseg_ray.data.tables import patients_dataset
+from brainseg_ray.train.loop import SCORE, train_loop_per_worker
+
+CHECKPOINTS_DIR = "checkpoints"
+MODEL_DIR = "model"
+SPLIT_FILE = "split.json"
+
+
+class TrainingError(Exception):
+    """A run that could not start or did not finish; the message says why."""
+
+
+@dataclass
+class TrainResult:
+    out: str
+    model_uri: str
+    epochs_run: int
+    best_epoch: int | None
+    best_val_patient_dice: float | None
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    history: list[dict]
+
+    def summary_line(self) -> str:
+        notes = []
+        if self.resumed_from_epoch:
+            notes.append(f"resumed after epoch {self.resumed_from_epoch}")
+        if self.stopped_early:
+            notes.append("stopped early")
+        extra = f" ({', '.join(notes)})" if notes else ""
+        best = "n/a" if self.best_val_patient_dice is None else f"{self.best_val_patient_dice:.4f}"
+        return (f"train: {self.epochs_run} epochs{extra}, best validation per-patient Dice {best} "
+                f"at epoch {self.best_epoch} -> {self.model_uri}")
+
+
+def read_manifest(data: str, s3: storage.S3Options) -> dict:
+    uri = storage.join(data, schema.MANIFEST_FILE)
+    try:
+        return json.loads(storage.read_bytes(uri, s3))
+    except (storage.StorageError, OSError, ValueError) as exc:
+        raise TrainingError(f"{data}: not an ingested dataset (cannot read {schema.MANIFEST_FILE}: {exc})") from exc
+
+
+def choose_patients(cfg: TrainConfig, tumour_by_patient: dict[str, int]) -> tuple[list[str], list[str], dict]:
+    """(train patients, validation patients, how they were chosen): a split file, a fold, or a
+    split drawn with `val_fraction` and `seed`. Always whole patients."""
+    from brainseg_ray.data.split import assign_folds, assign_splits
+
+    if cfg.split_file:
+        splits = json.loads(storage.read_bytes(cfg.split_file, cfg.s3))
+        if cfg.fold is not None:
+            folds = splits.get("folds") or {}
+            if not folds:
+                raise TrainingError(f"{cfg.split_file}: has no folds (run `brainseg split --folds K`)")
+            val = [p for p, f in folds.items() if f == cfg.fold]
+            train = [p for p, f in folds.items() if f != cfg.fold]
+        else:
+            assigned = splits.get("splits") or {}
+            train = [p for p, s in assigned.items() if s == "train"]
+            val = [p for p, s in assigned.items() if s == "val"]
+        how = {"split_file": cfg.split_file, "fold": cfg.fold}
+    elif cfg.fold is not None:
+        folds = assign_folds(tumour_by_patient, cfg.folds, cfg.seed)
+        val = [p for p, f in folds.items() if f == cfg.fold]
+        train = [p for p, f in folds.items() if f != cfg.fold]
+        how = {"folds": cfg.folds, "fold": cfg.fold, "seed": cfg.seed}
+    else:
+        fractions = (1.0 - cfg.val_fraction, cfg.val_fraction, 0.0)
+        splits = assign_splits(tumour_by_patient, fractions, cfg.seed)
+        train = [p for p, s in splits.items() if s == "train"]
+        val = [p for p, s in splits.items() if s == "val"]
+        how = {"val_fraction": cfg.val_fraction, "seed": cfg.seed}
+    unknown = sorted(set(train + val) - set(tumour_by_patient))
+    if unknown:
+        raise TrainingError(f"the split names {len(unknown)} patients not in {cfg.data}, e.g. {unknown[0]}")
+    if not train or not val:
+        raise TrainingError(f"need training and validation patients, got {len(train)} and {len(val)}")
+    return sorted(train), sorted(val), how
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    from brainseg_ray.data.augment import AUGMENTATIONS
+    from brainseg_ray.devices import PRECISIONS
+    from brainseg_ray.models.registry import resolve
+    from brainseg_ray.train.losses import LOSSES
+
+    if not cfg.data or not cfg.out:
+        raise TrainingError("train needs data (an ingested dataset) and out (a run folder)")
+    resolve(cfg.model)  # ValueError listing the known names
+    checks = [
+        (cfg.augmentation in AUGMENTATIONS, f"augmentation must be one of {', '.join(AUGMENTATIONS)}"),
+        (cfg.loss in LOSSES, f"loss must be one of {', '.join(sorted(LOSSES))}"),
+        (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+        (cfg.image_size >= 32 and cfg.image_size % 32 == 0, "image_size must be a multiple of 32"),
+        (cfg.epochs >= 1 and cfg.batch_size >= 2, "epochs must be >= 1 and batch_size >= 2 (batch norm)"),
+        (cfg.num_workers >= 1, "num_workers must be >= 1"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (0.0 < cfg.threshold < 1.0, "threshold must lie between 0 and 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise TrainingError(message)
+
+
+def _cpus_per_worker(cfg: TrainConfig) -> float:
+    import ray
+
+    if cfg.cpus_per_worker:
+        return cfg.cpus_per_worker
+    total = ray.cluster_resources().get("CPU", 1)
+    return float(max(1, min(8, int(total // cfg.num_workers))))
+
+
+def _run_config(cfg: TrainConfig):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    if storage.is_s3(cfg.out):
+        fs, path = storage.arrow_filesystem(cfg.out, cfg.s3)
+        where = {"storage_path": path, "storage_filesystem": fs}
+    else:
+        where = {"storage_path": os.path.abspath(cfg.out)}
+    return RunConfig(
+        name=CHECKPOINTS_DIR,
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints, checkpoint_score_attribute=SCORE,
+                                           checkpoint_score_order="max"),
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        **where,
+    )
+
+
+def _clear_run(cfg: TrainConfig) -> None:
+    fs, root = storage.filesystem(cfg.out, cfg.s3)
+    for name in (CHECKPOINTS_DIR, MODEL_DIR):
+        if fs.exists(f"{root}/{name}"):
+            fs.rm(f"{root}/{name}", recursive=True)
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run the train job (Ray must be initialised)."""
+    import ray.train
+    from ray.train import DataConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from brainseg_ray.data.tables import tumour_slices_by_patient
+    from brainseg_ray.models.inputs import normalisation_from_profile
+    from brainseg_ray.models.registry import ModelSpec
+
+    _check_config(cfg)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch lines say more
+    manifest = read_manifest(cfg.data, cfg.s3)
+    train_patients, val_patients, how = choose_patients(cfg, tumour_slices_by_patient(cfg.data, cfg.s3))
+    if not cfg.resume:
+        _clear_run(cfg)
+    storage.makedirs(cfg.out, cfg.s3)
+    split_record = {**how, "train": train_patients, "val": val_patients}
+    storage.write_bytes(storage.join(cfg.out, SPLIT_FILE), json.dumps(split_record, indent=1).encode(), cfg.s3)
+
+    train_ds = patients_dataset(cfg.data, cfg.s3, train_patients, shuffle_seed=cfg.seed).materialize()
+    # Materialised here, before the trainer starts: a lazy dataset would need CPUs for its read
+    # tasks that the training workers already hold, and Ray Train then waits forever, silently.
+    val_ds = patients_dataset(cfg.data, cfg.s3, val_patients).materialize()
+    n_train, n_val = train_ds.count(), val_ds.count()
+    per_worker = n_train // cfg.num_workers
+    if per_worker < cfg.batch_size:
+        raise TrainingError(f"{n_train} training slices give {per_worker} per worker, fewer than batch_size "
+                            f"{cfg.batch_size}; lower batch_size or num_workers")
+    cpus = _cpus_per_worker(cfg)
+    spec = ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
+                     encoder_weights_path=cfg.encoder_weights_path)
+    config = to_dict(cfg)
+    plan = {
+        "config": config,
+        "spec": {k: v for k, v in vars(spec).items()},
+        "normalisation": normalisation_from_profile(manifest.get("profile")),
+        "data_fingerprint": manifest.get("fingerprint"),
+        "val_patients": val_patients,
+        "steps_per_epoch": per_worker // cfg.batch_size,
+        "threads": max(1, int(cpus)),
+        "out": cfg.out,
+        "training_record": {
+            "config": {k: v for k, v in config.items() if k not in ("s3", "ray")},
+            "split": split_record,
+            "slices": {"train": n_train, "val": n_val},
+            "data": cfg.data,
+        },
+    }
+    print(f"train: {cfg.model} on {len(train_patients)} patients ({n_train} slices), validating on "
+          f"{len(val_patients)} ({n_val} slices); {cfg.num_workers} worker(s) x {cpus:g} CPU"
+          f"{' + GPU' if cfg.use_gpu else ''}", flush=True)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=plan,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus}),
+        run_config=_run_config(cfg),
+        datasets={"train": train_ds, "val": val_ds},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training failed: {exc}") from exc
+    if result.error:
+        raise TrainingError(f"training failed: {result.error}")
+    return _finish(cfg, result)
+
+
+def _finish(cfg: TrainConfig, result) -> TrainResult:
+    """Copy the best checkpoint's model to OUT/model through the one artifact loader."""
+    from brainseg_ray.models.artifact import load_artifact, save_artifact
+    from brainseg_ray.train.history import read_history
+
+    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE) is not None]
+    if not ranked:
+        raise TrainingError("training finished without a checkpoint")
+    # Highest score; among equals the earliest epoch (the simpler model of a plateau).
+    checkpoint, metrics = max(ranked, key=lambda cm: (cm[1][SCORE], -cm[1]["epoch"]))
+    model_uri = storage.join(cfg.out, MODEL_DIR)
+    with checkpoint.as_directory() as folder:
+        artifact = load_artifact(folder)
+    meta = artifact.metadata
+    save_artifact(model_uri, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
+                  threshold=meta["threshold"], training={**meta["training"], "epoch": metrics["epoch"]},
+                  data_fingerprint=meta["data_fingerprint"], metrics=meta["metrics"], half=cfg.half_weights,
+                  input_size=meta["input"]["size"])
+    history = read_history(cfg.out, cfg.s3)
+    returned = result.return_value or {}
+    progress = returned.get("progress") or {}
+    return TrainResult(out=cfg.out, model_uri=model_uri, epochs_run=len(history), best_epoch=metrics["epoch"],
+                       best_val_patient_dice=metrics[SCORE] if metrics[SCORE] >= 0 else None,
+                       stopped_early=bool(progress.get("stopped_early")),
+                       resumed_from_epoch=returned.get("resumed_from_epoch"), history=history)
