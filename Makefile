@@ -22,6 +22,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
