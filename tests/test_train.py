@@ -148,6 +148,12 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset,
     assert result.best_epoch == 1 and load_artifact(result.model_uri).metadata["training"]["epoch"] == 1
     assert "stopped early" in result.summary_line()
 
+    # The same folder cannot quietly continue a run of another input size.
+    from brainseg_ray.train.trainer import TrainingError
+
+    with pytest.raises(TrainingError, match="other image_size"):
+        train(TrainConfig(**{**vars(cfg), "image_size": 96}))
+
 
 def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
     return any(checkpoint in p.read_text(errors="ignore") for p in folder.glob("*snapshot*.json"))

@@ -158,6 +158,26 @@ def _clear_run(cfg: TrainConfig) -> None:
             fs.rm(f"{root}/{name}", recursive=True)
 
 
+# Settings a resumed run must share with the checkpoints it continues from.
+RESUME_KEYS = ("model", "encoder_depth", "base_filters", "image_size", "data")
+
+
+def _check_resumable(cfg: TrainConfig, split_record: dict) -> None:
+    """Refuse to continue checkpoints of another model, input size, data or split: the weights
+    would not load, or the run would silently mix two experiments."""
+    checkpoints = storage.join(cfg.out, CHECKPOINTS_DIR)
+    record_uri = storage.join(cfg.out, SPLIT_FILE)
+    if not storage.exists(checkpoints, cfg.s3) or not storage.exists(record_uri, cfg.s3):
+        return
+    before = json.loads(storage.read_bytes(record_uri, cfg.s3))
+    changed = [k for k in RESUME_KEYS if k in before.get("settings", {}) and before["settings"][k] != getattr(cfg, k)]
+    if before.get("train") != split_record["train"] or before.get("val") != split_record["val"]:
+        changed.append("patients (split)")
+    if changed:
+        raise TrainingError(f"{cfg.out} holds checkpoints of a run with other {', '.join(changed)}; "
+                            "use another --out, or resume=false to start over there")
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     """Run the train job (Ray must be initialised)."""
     import ray.train
@@ -172,10 +192,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch lines say more
     manifest = read_manifest(cfg.data, cfg.s3)
     train_patients, val_patients, how = choose_patients(cfg, tumour_slices_by_patient(cfg.data, cfg.s3))
+    split_record = {**how, "train": train_patients, "val": val_patients,
+                    "settings": {k: getattr(cfg, k) for k in RESUME_KEYS}}
     if not cfg.resume:
         _clear_run(cfg)
+    else:
+        _check_resumable(cfg, split_record)
     storage.makedirs(cfg.out, cfg.s3)
-    split_record = {**how, "train": train_patients, "val": val_patients}
     storage.write_bytes(storage.join(cfg.out, SPLIT_FILE), json.dumps(split_record, indent=1).encode(), cfg.s3)
 
     train_ds = patients_dataset(cfg.data, cfg.s3, train_patients, shuffle_seed=cfg.seed).materialize()
