@@ -117,6 +117,25 @@ class EvaluateConfig:
 
 
 @dataclass
+class SegmenterConfig:
+    """How one Segmenter turns slices into masks and findings (the batch job and Serve alike)."""
+
+    model: str = ""  # model artifact folder or s3:// URI
+    threshold: float | None = None  # None: the artifact's own threshold
+    min_component_px: int = 0  # drop 2-D lesion components smaller than this
+    largest_component_3d: bool = False  # per patient, keep the largest 3-D component only
+    tta: bool = False  # average the predictions of the slice and its flips
+    pixel_spacing_mm: float = 1.0
+    slice_thickness_mm: float = 1.0
+    overlay_style: str = "outline"  # outline | tint
+    batch_size: int = 16
+    precision: str = "auto"
+    channels_last: bool = True
+    use_gpu: bool | None = None  # None: a GPU when one is visible
+    threads: int | None = None  # torch CPU threads (Ray sets 1 in its workers)
+
+
+@dataclass
 class SynthConfig:
     out: str = ""
     patients: int = 10

@@ -1,0 +1,82 @@
+"""The Segmenter: one class from slices to masks, findings and overlays.
+
+The bulk job's actors and the Serve replicas both hold one, so the same slice gets the same
+answer from both. It joins the Predictor (artifact, preprocessing, forward pass) with
+postprocess.py (threshold, small components, per-patient 3-D largest component, findings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from brainseg_ray.config import SegmenterConfig
+from brainseg_ray.inference.postprocess import (
+    OVERLAY_STYLES,
+    Findings,
+    PostprocessOptions,
+    findings,
+    overlay,
+    postprocess,
+)
+from brainseg_ray.inference.predictor import Predictor
+from brainseg_ray.models.artifact import ModelArtifact, load_artifact
+
+
+@dataclass
+class SliceSegmentation:
+    mask: np.ndarray  # uint8 {0,1} [H,W]
+    probability: np.ndarray  # float32 [H,W]
+    findings: Findings
+
+
+class Segmenter:
+    def __init__(self, cfg: SegmenterConfig, artifact: ModelArtifact | None = None):
+        if cfg.overlay_style not in OVERLAY_STYLES:
+            raise ValueError(f"unknown overlay_style {cfg.overlay_style!r}; expected one of {', '.join(OVERLAY_STYLES)}")
+        if artifact is None:
+            if not cfg.model:
+                raise ValueError("the segmenter needs a model artifact (model=...)")
+            artifact = load_artifact(cfg.model)
+        self.cfg = cfg
+        self.predictor = Predictor(artifact, use_gpu="auto" if cfg.use_gpu is None else cfg.use_gpu,
+                                   precision=cfg.precision, channels_last=cfg.channels_last,
+                                   batch_size=cfg.batch_size, threads=cfg.threads)
+        threshold = self.predictor.threshold if cfg.threshold is None else cfg.threshold
+        self.options = PostprocessOptions(threshold=threshold, min_component_px=cfg.min_component_px,
+                                          largest_component_3d=cfg.largest_component_3d,
+                                          pixel_spacing_mm=cfg.pixel_spacing_mm,
+                                          slice_thickness_mm=cfg.slice_thickness_mm)
+
+    @property
+    def version(self) -> str:
+        return self.predictor.version
+
+    @property
+    def metadata(self) -> dict:
+        return self.predictor.metadata
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N,H,W,3] -> float32 [N,H,W]; with tta, the mean over the slice and its
+        horizontal and vertical flips (each flipped back)."""
+        probs = self.predictor.probabilities(images)
+        if not self.cfg.tta or len(images) == 0:
+            return probs
+        total = probs.astype(np.float64)
+        for axis in (2, 1):  # width, then height of [N,H,W,3]
+            flipped = self.predictor.probabilities(np.ascontiguousarray(np.flip(images, axis=axis)))
+            total += np.flip(flipped, axis=axis)
+        return (total / 3).astype(np.float32)
+
+    def segment(self, images: np.ndarray, patient_ids=None, slice_indices=None) -> list[SliceSegmentation]:
+        """Masks and findings for a batch of slices. With largest_component_3d, each patient's
+        slices must all be in this batch (ids and slice indices given)."""
+        probs = self.probabilities(images)
+        masks = postprocess(probs, self.options, patient_ids, slice_indices)
+        found = findings(masks, probs, self.options.pixel_spacing_mm)
+        return [SliceSegmentation(mask=m, probability=p, findings=f) for m, p, f in zip(masks, probs, found)]
+
+    def overlay(self, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The mask drawn on the slice's FLAIR channel, uint8 [H,W,3]."""
+        return overlay(image, mask, style=self.cfg.overlay_style)
