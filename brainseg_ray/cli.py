@@ -87,6 +87,19 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_segment(args) -> int:
+    from brainseg_ray.batch import segment
+    from brainseg_ray.config import SegmentJobConfig, load_config
+    from brainseg_ray.runtime import init_ray
+
+    segmenter = {"model": args.model} if args.model else None
+    cfg = load_config(SegmentJobConfig, args.config, args.overrides, input=args.input, output=args.output,
+                      shard=args.shard, segmenter=segmenter, **_s3_values(args), **_ray_values(args))
+    init_ray(cfg.ray)
+    print(segment(cfg).summary_line())
+    return 0
+
+
 def _cmd_models(args) -> int:
     from brainseg_ray.models.registry import available_models
 
@@ -177,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("segment", help="bulk-segment a folder, S3 prefix or archive(s): masks, overlays, findings")
+    p.add_argument("--model", help="model artifact (folder or s3:// URI)")
+    p.add_argument("--input", help="folder, s3:// prefix, .tar/.tar.gz/.zip, or a glob of archives")
+    p.add_argument("--output", help="output folder or s3:// prefix; rerun the same command to continue")
+    p.add_argument("--shard", help="i/n: this submission runs every n-th task only")
+    _add_common(p)
+    p.set_defaults(func=_cmd_segment)
+
     p = sub.add_parser("models", help="list the model names the registry knows")
     p.set_defaults(func=_cmd_models)
 
@@ -189,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _job_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "your input or setting is wrong", one line each for the user."""
+    from brainseg_ray.batch import SegmentJobError
     from brainseg_ray.models.artifact import ArtifactError
     from brainseg_ray.train.trainer import TrainingError
 
-    return (ArtifactError, TrainingError)
+    return (ArtifactError, TrainingError, SegmentJobError)
 
 
 def main(argv: list[str] | None = None) -> int:

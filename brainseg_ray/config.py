@@ -136,6 +136,21 @@ class SegmenterConfig:
 
 
 @dataclass
+class SegmentJobConfig:
+    input: str = ""  # folder, s3:// prefix, archive, or a glob of archives
+    output: str = ""  # folder or s3:// prefix; rerun the same command to continue
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    slices_per_task: int = 64  # whole patients per task, up to about this many slices
+    concurrency: int = 1  # Segmenter actors
+    cpus_per_actor: float = 1.0  # also the actor's torch threads unless segmenter.threads is set
+    num_gpus_per_actor: float = 0.0
+    write_overlays: bool = True
+    shard: str | None = None  # "i/n": run every n-th task only (independent submissions)
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
 class SynthConfig:
     out: str = ""
     patients: int = 10

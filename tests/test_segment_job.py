@@ -1,0 +1,134 @@
+"""The bulk segmentation job: output contract, error rows, resume and shards, one Segmenter."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tifffile
+import torch
+
+from brainseg_ray.batch import SegmentJobError, mask_relpath, overlay_relpath, segment
+from brainseg_ray.compat import ensure_torchvision_importable
+from brainseg_ray.config import SegmenterConfig, SegmentJobConfig
+from brainseg_ray.models.artifact import save_artifact
+from brainseg_ray.models.registry import ModelSpec, build_model
+
+ensure_torchvision_importable()
+
+
+def _tiny_artifact(path: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    spec = ModelSpec("unet", base_filters=4)
+    save_artifact(str(path), build_model(spec).eval(), spec,
+                  normalisation={"mean": [0.1] * 3, "std": [0.2] * 3}, threshold=0.499, input_size=64)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_uri(tmp_path_factory) -> str:
+    return _tiny_artifact(tmp_path_factory.mktemp("segmodel") / "model", seed=0)
+
+
+def _job(model: str, src, out, **kw) -> SegmentJobConfig:
+    segmenter = SegmenterConfig(model=model, precision="fp32", min_component_px=3)
+    return SegmentJobConfig(input=str(src), output=str(out), segmenter=segmenter, slices_per_task=20, **kw)
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.parent.name != "_parts"
+            and p.name not in ("manifest.json", "results.parquet")}
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_local, synthetic_root, model_uri, tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg") / "out"
+    return out, segment(_job(model_uri, synthetic_root, out))
+
+
+def test_output_contract(synthetic_root, full_run):
+    out, result = full_run
+    images = [p for p in synthetic_root.rglob("*.tif") if not p.stem.endswith("_mask")]
+    assert result.complete and result.found == len(images) == result.ok and result.errors == 0
+    results = pq.read_table(out / "results.parquet")
+    assert results.num_rows == len(images)
+    assert results.column_names == ["patient_id", "slice_index", "source_uri", "status", "error", "tumor_present",
+                                    "tumor_area_px", "tumor_area_mm2", "bbox", "confidence", "mask_uri",
+                                    "overlay_uri", "model_version"]
+    for row in results.to_pylist():
+        assert row["status"] == "ok" and row["error"] is None
+        mask = tifffile.imread(out / mask_relpath(row["patient_id"], row["slice_index"]))
+        assert mask.shape == (256, 256) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert int((mask > 0).sum()) == row["tumor_area_px"] and row["tumor_present"] == (row["tumor_area_px"] > 0)
+        if row["bbox"] is not None:
+            x0, y0, x1, y1 = row["bbox"]
+            assert (mask[y0:y1, x0:x1] > 0).sum() == row["tumor_area_px"]
+        assert (out / overlay_relpath(row["patient_id"], row["slice_index"])).read_bytes()[:4] == b"\x89PNG"
+    patients = pq.read_table(out / "patients.parquet").to_pylist()
+    assert sorted(p["patient_id"] for p in patients) == sorted({p.parent.name for p in images})
+    assert sum(p["slices"] for p in patients) == len(images)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"found": len(images), "ok": len(images), "error": 0}
+    assert manifest["model"]["version"] == results.column("model_version")[0].as_py()
+
+
+def test_job_masks_equal_a_direct_segmenter_call(synthetic_root, model_uri, full_run):
+    from brainseg_ray.inference.segmenter import Segmenter
+
+    out, _ = full_run
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    files = sorted((p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")),
+                   key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    images = np.stack([tifffile.imread(p) for p in files])
+    direct = Segmenter(_job(model_uri, "", "").segmenter).segment(images)
+    for path, result in zip(files, direct):
+        index = int(path.stem.rsplit("_", 1)[1])
+        assert np.array_equal(tifffile.imread(out / mask_relpath(patient.name, index)) > 0, result.mask.astype(bool))
+
+
+def test_bad_slices_are_error_rows_and_counts_add_up(ray_local, synthetic_root, model_uri, tmp_path):
+    src = tmp_path / "kaggle_3m"
+    shutil.copytree(synthetic_root, src)
+    patient = sorted(p for p in src.iterdir() if p.is_dir())[0]
+    bad = patient / f"{patient.name}_2.tif"
+    bad.write_bytes(b"not a tiff at all")
+    (patient / f"{patient.name}_x.tif").write_bytes(b"")  # no slice number in the name
+    result = segment(_job(model_uri, src, tmp_path / "out"))
+    rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    errors = [r for r in rows if r["status"] == "error"]
+    assert result.found == len(rows) == result.ok + result.errors and result.errors == 2 == len(errors)
+    assert any(str(bad) in r["error"] for r in errors)
+    assert all(r["mask_uri"] is None for r in errors)
+
+
+def test_resume_after_a_partial_run_ends_identical(ray_local, synthetic_root, model_uri, full_run, tmp_path):
+    out = tmp_path / "out"
+    first = segment(_job(model_uri, synthetic_root, out, shard="0/2"))
+    assert not first.complete and not (out / "manifest.json").exists() and first.tasks_run >= 1
+    second = segment(_job(model_uri, synthetic_root, out))
+    assert second.complete and second.tasks_skipped == first.tasks_run
+    assert second.tasks_run + second.tasks_skipped == len(list((full_run[0] / "_parts").glob("*.parquet")))
+    # The same rows and the same mask and overlay bytes as the uninterrupted run (results.parquet
+    # differs only in the URIs, which name the output folder).
+    assert _tree_digest(out) == _tree_digest(full_run[0])
+    assert pq.read_table(out / "results.parquet").drop_columns(["mask_uri", "overlay_uri"]).equals(
+        pq.read_table(full_run[0] / "results.parquet").drop_columns(["mask_uri", "overlay_uri"]))
+
+
+def test_an_output_of_another_model_is_refused(ray_local, synthetic_root, full_run, tmp_path):
+    other = _tiny_artifact(tmp_path / "other", seed=1)
+    with pytest.raises(SegmentJobError, match="model_version"):
+        segment(_job(other, synthetic_root, full_run[0]))
+
+
+@pytest.mark.parametrize("shard", ["2/2", "a/b", "1/0"])
+def test_bad_shard_is_refused(ray_local, synthetic_root, model_uri, tmp_path, shard):
+    with pytest.raises(SegmentJobError, match="shard"):
+        segment(_job(model_uri, synthetic_root, tmp_path / "out", shard=shard))
