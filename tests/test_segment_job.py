@@ -132,3 +132,29 @@ def test_an_output_of_another_model_is_refused(ray_local, synthetic_root, full_r
 def test_bad_shard_is_refused(ray_local, synthetic_root, model_uri, tmp_path, shard):
     with pytest.raises(SegmentJobError, match="shard"):
         segment(_job(model_uri, synthetic_root, tmp_path / "out", shard=shard))
+
+
+def test_archive_on_s3_to_s3_gives_the_same_masks(ray_local, synthetic_root, model_uri, full_run, s3_bucket, tmp_path):
+    """A .tar.gz of the folder on S3 (moto) in, an S3 prefix out: the same rows and mask bytes."""
+    import tarfile
+
+    from brainseg_ray import storage
+
+    archive = tmp_path / "scans.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(synthetic_root, arcname="kaggle_3m")
+    src = f"{s3_bucket}/in/scans.tar.gz"
+    storage.write_bytes(src, archive.read_bytes())
+    out = f"{s3_bucket}/out/seg"
+    result = segment(_job(model_uri, src, out))
+    local_out, local = full_run
+    assert result.complete and (result.found, result.ok, result.errors) == (local.found, local.ok, 0)
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(f"{out}/results.parquet")))
+    expected = pq.read_table(local_out / "results.parquet")
+    assert rows.select(["patient_id", "slice_index", "tumor_area_px", "bbox"]).equals(
+        expected.select(["patient_id", "slice_index", "tumor_area_px", "bbox"]))
+    first = expected.slice(0, 1).to_pylist()[0]
+    rel = mask_relpath(first["patient_id"], first["slice_index"])
+    assert storage.read_bytes(f"{out}/{rel}") == (local_out / rel).read_bytes()
+    assert rows.column("mask_uri")[0].as_py() == f"{out}/{rel}"
+    assert rows.column("source_uri")[0].as_py().startswith("tar://") and storage.exists(f"{out}/manifest.json")
