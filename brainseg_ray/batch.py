@@ -153,7 +153,7 @@ class TaskRunner:
 
         self.cfg, self.sources = cfg, sources
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this actor holds.
-        threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor))
+        threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor or 1))
         self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads))
 
     def __call__(self, batch: dict) -> dict:
@@ -258,6 +258,9 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
     print(f"segment: {catalog.found} slice files, {len(tasks)} tasks ({len(mine) - len(todo)} of this "
           f"shard's {len(mine)} already done)", file=sys.stderr)
     if todo:
+        if cfg.cpus_per_actor is None:
+            total = ray.cluster_resources().get("CPU", 1)
+            cfg = dataclasses.replace(cfg, cpus_per_actor=float(max(1, int(total // cfg.concurrency))))
         ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"task": pickle.dumps(t)} for t in todo]
         finished = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

@@ -142,7 +142,9 @@ class SegmentJobConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     slices_per_task: int = 64  # whole patients per task, up to about this many slices
     concurrency: int = 1  # Segmenter actors
-    cpus_per_actor: float = 1.0  # also the actor's torch threads unless segmenter.threads is set
+    # None: the cluster's CPUs shared out over the actors (tasks read their own files, so no
+    # separate read stage needs CPUs left over); also the actors' torch threads
+    cpus_per_actor: float | None = None
     num_gpus_per_actor: float = 0.0
     write_overlays: bool = True
     shard: str | None = None  # "i/n": run every n-th task only (independent submissions)

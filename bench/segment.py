@@ -1,0 +1,162 @@
+"""Bulk segmentation throughput, all in one run, on the same slices and the same model:
+
+    .venv/bin/python bench/segment.py [--data KAGGLE_3M_DIR] [--model ARTIFACT | --arch unet-resnet34]
+                                      [--slices 800] [--small 200] [--batch-size 16]
+
+(a) the limit: the model's own forward loop over in-memory tensors, at the job's batch size and
+    precision (Predictor.logits on preloaded uint8 slices);
+(b) the seed-style loop: open each file with PIL, fp32, batch 1, threshold, write the mask;
+(c) the job: `brainseg segment` on a local Ray instance, from the files to the full output.
+(c) runs at --small and at --slices slices, for its per-slice cost at both sizes.
+
+Without --data the shared LGG data is used (or synthetic slices when it is absent); without
+--model a randomly initialised artifact of --arch is written (speed does not depend on weights).
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev" / "kaggle_3m"
+
+
+def _subset(root: Path, slices: int, into: Path) -> list[Path]:
+    """A kaggle_3m folder of whole patients (links) holding at least `slices` slices; its images."""
+    into.mkdir(parents=True)
+    images: list[Path] = []
+    for patient in sorted(p for p in root.iterdir() if p.is_dir()):
+        if len(images) >= slices:
+            break
+        (into / patient.name).symlink_to(patient.resolve(), target_is_directory=True)
+        images += [p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")]
+    return images
+
+
+def _model(args, workdir: str) -> str:
+    if args.model:
+        return args.model
+    import torch
+
+    from brainseg_ray.models.artifact import save_artifact
+    from brainseg_ray.models.inputs import DEFAULT_NORMALISATION
+    from brainseg_ray.models.registry import ModelSpec, build_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(args.arch)
+    uri = os.path.join(workdir, "model")
+    save_artifact(uri, build_model(spec).eval(), spec, normalisation={k: DEFAULT_NORMALISATION[k] for k in ("mean", "std")})
+    return uri
+
+
+def limit(model: str, images: list[Path], batch_size: int, precision: str) -> float:
+    import tifffile
+    import torch
+
+    from brainseg_ray.inference.predictor import Predictor
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    predictor = Predictor.load(model, precision=precision, batch_size=batch_size)
+    stack = np.stack([tifffile.imread(p) for p in images])
+    predictor.logits(stack[:batch_size])  # warm-up
+    started = time.perf_counter()
+    predictor.logits(stack)
+    return len(images) / (time.perf_counter() - started)
+
+
+def seed_loop(model: str, images: list[Path], out: Path) -> float:
+    """What the seeds did: PIL per file, fp32, one slice at a time."""
+    import torch
+    from PIL import Image
+
+    from brainseg_ray.models.artifact import load_artifact
+    from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    artifact = load_artifact(model)
+    meta = artifact.metadata
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for path in images:
+            image = np.asarray(Image.open(path).convert("RGB"))[None]
+            x = images_to_tensor(image, meta["normalisation"], meta["input"]["size"])
+            prob = logits_to_probabilities(artifact.model(x), image.shape[1], image.shape[2])[0].numpy()
+            Image.fromarray(((prob > meta["threshold"]) * 255).astype(np.uint8)).save(out / f"{path.stem}_mask.png")
+    return len(images) / (time.perf_counter() - started)
+
+
+def job(model: str, src: Path, out: Path, batch_size: int, precision: str) -> tuple[float, int]:
+    from brainseg_ray.batch import segment
+    from brainseg_ray.config import SegmenterConfig, SegmentJobConfig
+
+    cfg = SegmentJobConfig(input=str(src), output=str(out),
+                           segmenter=SegmenterConfig(model=model, batch_size=batch_size, precision=precision))
+    started = time.perf_counter()
+    result = segment(cfg)
+    return time.perf_counter() - started, result.ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data")
+    parser.add_argument("--model")
+    parser.add_argument("--arch", default="unet-resnet34")
+    parser.add_argument("--slices", type=int, default=800)
+    parser.add_argument("--small", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--precision", default="auto")
+    args = parser.parse_args()
+
+    from brainseg_ray.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from brainseg_ray.config import RayConfig
+    from brainseg_ray.devices import pick_device, resolve_precision
+    from brainseg_ray.runtime import init_ray
+
+    precision = resolve_precision(args.precision, pick_device("auto"))
+    init_ray(RayConfig())
+    with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
+        work = Path(tmp)
+        root = Path(args.data) if args.data else SHARED_DATA
+        if not root.is_dir():
+            from brainseg_ray.data.synthetic import write_synthetic_dataset
+
+            root = Path(write_synthetic_dataset(str(work / "synth"), patients=max(4, args.slices // 25 + 2), seed=3).root)
+        model = _model(args, tmp)
+        big = _subset(root, args.slices, work / "big" / "kaggle_3m")
+        small = _subset(root, args.small, work / "small" / "kaggle_3m")
+        rate_limit = limit(model, big, args.batch_size, precision)
+        rate_seed = seed_loop(model, big, work / "seed-out")
+        seconds_small, n_small = job(model, work / "small" / "kaggle_3m", work / "job-small", args.batch_size, precision)
+        seconds_big, n_big = job(model, work / "big" / "kaggle_3m", work / "job-big", args.batch_size, precision)
+        assert (n_small, n_big) == (len(small), len(big)), "the job must segment every slice"
+    rate_job = n_big / seconds_big
+    cost_small, cost_big = seconds_small / n_small, seconds_big / n_big
+    print(f"(a) forward limit:   {rate_limit:.2f} slices/s ({len(big)} slices in memory, batch {args.batch_size}, {precision})")
+    print(f"(b) seed-style loop: {rate_seed:.2f} slices/s (PIL per file, fp32, batch 1)")
+    print(f"(c) segment job:     {rate_job:.2f} slices/s ({n_big} slices, files to full output)")
+    print(f"c/a = {rate_job / rate_limit:.3f}   c/b = {rate_job / rate_seed:.3f}")
+    print(f"job cost per slice: {cost_small * 1000:.1f} ms at {n_small}, {cost_big * 1000:.1f} ms at {n_big}; "
+          f"ratio {cost_big / cost_small:.3f}")
+    print(json.dumps({"limit_slices_per_s": round(rate_limit, 2), "seed_loop_slices_per_s": round(rate_seed, 2),
+                      "job_slices_per_s": round(rate_job, 2), "ratio_vs_limit": round(rate_job / rate_limit, 3),
+                      "ratio_vs_seed_loop": round(rate_job / rate_seed, 3),
+                      "cost_ms_small": round(cost_small * 1000, 2), "cost_ms_large": round(cost_big * 1000, 2),
+                      "cost_ratio_800_vs_200": round(cost_big / cost_small, 3), "slices_small": n_small,
+                      "slices_large": n_big, "model": args.model or args.arch, "batch_size": args.batch_size,
+                      "precision": precision, "cpus": os.cpu_count()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
