@@ -18,6 +18,7 @@ from brainseg_ray import storage
 from brainseg_ray.config import EvaluateConfig
 from brainseg_ray.data import schema
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
+from brainseg_ray.train.metrics import pixel_counts, slice_counts
 
 
 @dataclass
@@ -63,19 +64,13 @@ class SliceScorer:
         images = decode_tensor(batch.column("image"), schema.IMAGE_SHAPE)
         truth = decode_tensor(batch.column("mask"), schema.MASK_SHAPE).astype(bool)
         probabilities = self.predictor.probabilities(images)
-        pred = probabilities > self.threshold
-        tp = np.count_nonzero(pred & truth, axis=(1, 2))
-        n_pred, n_truth = np.count_nonzero(pred, axis=(1, 2)), np.count_nonzero(truth, axis=(1, 2))
-        pixels = truth.shape[1] * truth.shape[2]
+        tp, fp, fn, tn = slice_counts(probabilities > self.threshold, truth)
         return pa.table({
             "patient_id": batch.column("patient_id"),
             "slice_index": batch.column("slice_index"),
-            "tp": tp, "fp": n_pred - tp, "fn": n_truth - tp, "tn": pixels - n_pred - n_truth + tp,
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
             "loss": per_slice_loss(probabilities, truth),
-            "max_probability": probabilities.reshape(len(probabilities), -1).max(axis=1) if len(probabilities)
-            else np.zeros(0, np.float32),
         })
-
 
 def select_patients(cfg: EvaluateConfig, all_patients: list[str]) -> list[str]:
     """All patients, or those of `split` (or `fold`) in a split file from `brainseg split` or a train run."""
@@ -194,7 +189,6 @@ def _patient_rows(ids: list[str], table: pa.Table, cols: dict, summary: dict) ->
 
 def _worst_slices(cfg: EvaluateConfig, table: pa.Table, predictor, threshold: float):
     from brainseg_ray.evaluate.report import WorstSlice
-    from brainseg_ray.train.metrics import PixelCounts
 
     if cfg.worst_slices <= 0 or table.num_rows == 0:
         return []
@@ -212,9 +206,7 @@ def _worst_slices(cfg: EvaluateConfig, table: pa.Table, predictor, threshold: fl
     losses = table.column("loss").to_numpy()
     worst = []
     for k, (pid, index) in enumerate(chosen):
-        p, t = preds[k].astype(bool), truths[k].astype(bool)
-        counts = PixelCounts(tp=int((p & t).sum()), fp=int((p & ~t).sum()), fn=int((~p & t).sum()), tn=0)
-        worst.append(WorstSlice(patient_id=pid, slice_index=int(index), dice=counts.dice, loss=float(losses[order[k]]),
+        worst.append(WorstSlice(patient_id=pid, slice_index=int(index), dice=pixel_counts(preds[k], truths[k]).dice, loss=float(losses[order[k]]),
                                 image=np.array(images[k]), truth=np.array(truths[k]), prediction=preds[k],
                                 probability=probabilities[k]))
     return worst

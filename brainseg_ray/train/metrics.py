@@ -155,6 +155,17 @@ def pixel_counts(pred: Any, truth: Any) -> PixelCounts:
     return PixelCounts(tp=tp, fp=fp, fn=fn, tn=int(p.size) - tp - fp - fn)
 
 
+def slice_counts(preds: Any, truths: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-slice (tp, fp, fn, tn) pixel counts of [N,H,W] binary masks, each an int array of N,
+    vectorised: what `SegmentationMetrics.update_counts` takes."""
+    p, t = _pair(preds, truths)
+    if p.ndim != 3:
+        raise ValueError(f"expected masks of shape [N,H,W], got {p.shape}")
+    tp = np.count_nonzero(p & t, axis=(1, 2))
+    n_pred, n_truth = np.count_nonzero(p, axis=(1, 2)), np.count_nonzero(t, axis=(1, 2))
+    return tp, n_pred - tp, n_truth - tp, p.shape[1] * p.shape[2] - n_pred - n_truth + tp
+
+
 def dice(pred: Any, truth: Any) -> float:
     """2|P∩T|/(|P|+|T|). Both empty -> 1.0 (perfect agreement on nothing); one empty -> 0.0."""
     return pixel_counts(pred, truth).dice
@@ -295,12 +306,7 @@ class SegmentationMetrics:
         if not ids:
             return
 
-        # Vectorised per-slice counts; only the Python loop in update_counts is per slice.
-        tp = np.count_nonzero(p & t, axis=(1, 2))
-        n_pred = np.count_nonzero(p, axis=(1, 2))
-        n_truth = np.count_nonzero(t, axis=(1, 2))
-        pixels = p.shape[1] * p.shape[2]
-        self.update_counts(ids, tp, n_pred - tp, n_truth - tp, pixels - n_pred - n_truth + tp)
+        self.update_counts(ids, *slice_counts(p, t))
 
     def update_counts(self, patient_ids: Sequence[str], tp: Any, fp: Any, fn: Any, tn: Any) -> None:
         """Add slices given by their pixel counts (one entry per slice), e.g. counted on a Ray

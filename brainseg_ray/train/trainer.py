@@ -14,7 +14,6 @@ it from the checkpoints folder's snapshot), unless `resume=false`.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
