@@ -153,12 +153,16 @@ class TaskRunner:
 
         self.cfg, self.sources = cfg, sources
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this actor holds.
-        threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor or 1))
-        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads))
+        self.threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor or 1))
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads))
 
     def __call__(self, batch: dict) -> dict:
         import pickle
 
+        import torch
+
+        # Ray Data calls this from a thread of its own; OpenMP's thread count is per thread.
+        torch.set_num_threads(self.threads)
         ids = []
         for blob in batch["task"]:
             task = pickle.loads(blob)
@@ -242,13 +246,13 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
 
     import ray
 
-    from brainseg_ray.models.artifact import load_artifact
+    from brainseg_ray.models.artifact import check_artifact
 
     if not cfg.input or not cfg.output or not cfg.segmenter.model:
         raise SegmentJobError("segment needs --input, --output and --model")
     shard_index, shard_count = parse_shard(cfg.shard)
     started = time.time()
-    version = load_artifact(cfg.segmenter.model).metadata.get("version", "")  # fail fast on a bad model
+    version = check_artifact(cfg.segmenter.model).get("version", "")  # fail fast on a bad model
     catalog = build_catalog(cfg.input, cfg.s3, masks="optional")
     tasks = plan_tasks(catalog, cfg.slices_per_task)
     _check_or_write_job(cfg, _job_record(cfg, version, tasks))

@@ -252,6 +252,15 @@ def load_config(cls: type[T], path: str | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data.update(loaded)
-    data.update({k: v for k, v in values.items() if v is not None})
+    _merge_into(data, {k: v for k, v in values.items() if v is not None})
     apply_overrides(data, overrides or [])
     return from_dict(cls, data)
+
+
+def _merge_into(data: dict, values: dict) -> None:
+    # A flag that sets one nested field (--model is segmenter.model) keeps the file's others.
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            _merge_into(data[key], value)
+        else:
+            data[key] = value

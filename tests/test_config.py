@@ -46,3 +46,13 @@ def test_nested_train_settings_of_lr_find():
 
     cfg = load_config(LrFindConfig, None, ["train.batch_size=8", "steps=50"], train={"data": "/d"})
     assert (cfg.train.batch_size, cfg.train.data, cfg.steps) == (8, "/d", 50)
+
+
+def test_a_flag_for_one_nested_setting_keeps_the_files_others(tmp_path):
+    from brainseg_ray.config import SegmentJobConfig
+
+    path = tmp_path / "segment.yaml"
+    path.write_text("segmenter:\n  model: /file-model\n  tta: true\n  min_component_px: 9\n")
+    cfg = load_config(SegmentJobConfig, str(path), ["segmenter.threshold=0.3"], segmenter={"model": "/flag-model"})
+    assert (cfg.segmenter.model, cfg.segmenter.tta, cfg.segmenter.min_component_px, cfg.segmenter.threshold) == (
+        "/flag-model", True, 9, 0.3)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +164,119 @@ def test_archive_on_s3_to_s3_gives_the_same_masks(ray_local, synthetic_root, mod
     assert storage.read_bytes(f"{out}/{rel}") == (local_out / rel).read_bytes()
     assert rows.column("mask_uri")[0].as_py() == f"{out}/{rel}"
     assert rows.column("source_uri")[0].as_py().startswith("tar://") and storage.exists(f"{out}/manifest.json")
+
+
+# Fault injection: a model and options slow enough (256 px input, flip TTA, one patient per task)
+# that a kill lands while tasks are still to run.
+SLOW = ["segmenter.tta=true", "slices_per_task=8", "segmenter.precision=fp32", "segmenter.min_component_px=3"]
+
+
+def _slow_job(model: str, src, out) -> SegmentJobConfig:
+    segmenter = SegmenterConfig(model=model, precision="fp32", min_component_px=3, tta=True)
+    return SegmentJobConfig(input=str(src), output=str(out), segmenter=segmenter, slices_per_task=8)
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory) -> str:
+    torch.manual_seed(2)
+    spec = ModelSpec("unet", base_filters=16)
+    path = tmp_path_factory.mktemp("slowmodel") / "model"
+    save_artifact(str(path), build_model(spec).eval(), spec, normalisation={"mean": [0.1] * 3, "std": [0.2] * 3},
+                  threshold=0.499, input_size=256)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def slow_run(ray_local, synthetic_root, slow_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("slow") / "out"
+    result = segment(_slow_job(slow_model, synthetic_root, out))
+    assert result.complete
+    return out, result
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted((out / "_parts").glob("*.parquet")) if (out / "_parts").is_dir() else []
+
+
+def _wait_for_first_part(out: Path, alive, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not _parts(out):
+        assert alive(), "the job ended before writing its first part"
+        assert time.time() < deadline, f"no task finished within {timeout} s"
+        time.sleep(0.05)
+
+
+def _assert_same_output(out: Path, expected: Path) -> None:
+    rows = pq.read_table(out / "results.parquet")
+    keys = list(zip(rows.column("patient_id").to_pylist(), rows.column("slice_index").to_pylist()))
+    assert len(keys) == len(set(keys)), "a slice has more than one row"
+    assert _tree_digest(out) == _tree_digest(expected)
+    assert rows.drop_columns(["mask_uri", "overlay_uri"]).equals(
+        pq.read_table(expected / "results.parquet").drop_columns(["mask_uri", "overlay_uri"]))
+
+
+def test_killed_job_rerun_ends_identical(ray_local, synthetic_root, slow_model, slow_run, tmp_path):
+    """SIGKILL the job's driver (as a cluster would lose a submitted job) once its first task is
+    done; the same command again finishes the rest and the output equals an uninterrupted run."""
+    out = tmp_path / "out"
+    address = ray_local.get_runtime_context().gcs_address
+    command = [sys.executable, "-m", "brainseg_ray.cli", "segment", "--model", slow_model, "--input",
+               str(synthetic_root), "--output", str(out), "--address", address, *SLOW]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_first_part(out, lambda: first.poll() is None)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    done = len(_parts(out))
+    assert not (out / "manifest.json").exists() and 1 <= done < len(_parts(slow_run[0]))
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "already done" in second.stderr and (out / "manifest.json").exists()
+    _assert_same_output(out, slow_run[0])
+
+
+def test_actor_killed_mid_run_loses_and_duplicates_nothing(ray_local, synthetic_root, slow_model, slow_run, tmp_path):
+    """SIGKILL the Segmenter actor's process while it works: Ray restarts it, the task it held is
+    run again, and the one run ends complete and equal to an uninterrupted run."""
+    from ray.util.state import list_actors
+
+    out = tmp_path / "out"
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = segment(_slow_job(slow_model, synthetic_root, out))
+        except BaseException as exc:  # reported by the main thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    _wait_for_first_part(out, worker.is_alive)
+    address = ray_local.get_runtime_context().gcs_address  # another Ray may run on this machine
+    actors = [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], detail=True)
+              if "TaskRunner" in (a.class_name or "")]
+    assert len(actors) == 1, actors
+    os.kill(actors[0].pid, signal.SIGKILL)
+    killed_at = len(_parts(out))
+    worker.join(timeout=400)
+    assert not worker.is_alive() and "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert killed_at < len(_parts(slow_run[0])), "the job had finished before the kill"
+    assert result.complete and result.ok == result.found == slow_run[1].found
+    _assert_same_output(out, slow_run[0])
+
+
+def test_a_damaged_model_is_refused_before_any_work(ray_local, synthetic_root, model_uri, tmp_path, capsys):
+    from brainseg_ray.cli import main
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model_uri, damaged)
+    weights = damaged / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    code = main(["segment", "--model", str(damaged), "--input", str(synthetic_root), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(damaged) in err and "SHA-256" in err
+    assert not (tmp_path / "out").exists()

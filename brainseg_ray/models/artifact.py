@@ -127,6 +127,23 @@ def load_artifact(uri: str) -> ModelArtifact:
     except ValueError as exc:
         raise ArtifactError(uri, f"unknown architecture: {exc}") from exc
 
+    weights_file, data = _verified_weights(uri, metadata)
+    state = _deserialise(uri, data, weights_file)
+    _load_state(uri, spec.name, model, state)
+    model.float().eval()
+    return ModelArtifact(spec=spec, metadata=metadata, model=model)
+
+
+def check_artifact(uri: str) -> dict:
+    """The artifact's metadata, once its model.json is readable and its weights match their
+    SHA-256; cheaper than load_artifact (no model is built), for a driver that only hands the
+    URI on to workers but should refuse a bad artifact before starting them."""
+    metadata = _read_metadata(uri)
+    _verified_weights(uri, metadata)
+    return metadata
+
+
+def _verified_weights(uri: str, metadata: dict) -> tuple[str, bytes]:
     weights_file = metadata.get("weights_file", SAFETENSORS_FILE)
     if weights_file not in (SAFETENSORS_FILE, TORCH_FILE):
         raise ArtifactError(uri, f"unsupported weights_file {weights_file!r}")
@@ -138,10 +155,7 @@ def load_artifact(uri: str) -> ModelArtifact:
     expected = metadata.get("weights_sha256")
     if expected and hashlib.sha256(data).hexdigest() != expected:
         raise ArtifactError(uri, f"{weights_file} does not match the SHA-256 in model.json (changed or partly written)")
-    state = _deserialise(uri, data, weights_file)
-    _load_state(uri, spec.name, model, state)
-    model.float().eval()
-    return ModelArtifact(spec=spec, metadata=metadata, model=model)
+    return weights_file, data
 
 
 def _read_metadata(uri: str) -> dict:
