@@ -1,13 +1,16 @@
 """Bulk segmentation throughput, all in one run, on the same slices and the same model:
 
     .venv/bin/python bench/segment.py [--data KAGGLE_3M_DIR] [--model ARTIFACT | --arch unet-resnet34]
-                                      [--slices 800] [--small 200] [--batch-size 16]
+                                      [--slices 800] [--small 200] [--batch-size N]
 
 (a) the limit: the model's own forward loop over in-memory tensors, at the job's batch size and
     precision (Predictor.logits on preloaded uint8 slices);
 (b) the seed-style loop: open each file with PIL, fp32, batch 1, threshold, write the mask;
 (c) the job: `brainseg segment` on a local Ray instance, from the files to the full output.
 (c) runs at --small and at --slices slices, for its per-slice cost at both sizes.
+A precision check runs the Segmenter in bf16 and in fp32 on --check slices and prints their mask
+agreement and speed ratio: what `precision=auto` relies on when it picks bf16 on a CPU with native
+bf16 (it keeps fp32 elsewhere, where emulated bf16 is slower).
 
 Without --data the shared LGG data is used (or synthetic slices when it is absent); without
 --model a randomly initialised artifact of --arch is written (speed does not depend on weights).
@@ -57,7 +60,7 @@ def _model(args, workdir: str) -> str:
     return uri
 
 
-def limit(model: str, images: list[Path], batch_size: int, precision: str) -> float:
+def limit(model: str, images: list[Path], batch_size: int | None, precision: str) -> tuple[float, int]:
     import tifffile
     import torch
 
@@ -66,10 +69,33 @@ def limit(model: str, images: list[Path], batch_size: int, precision: str) -> fl
     torch.set_num_threads(os.cpu_count() or 1)
     predictor = Predictor.load(model, precision=precision, batch_size=batch_size)
     stack = np.stack([tifffile.imread(p) for p in images])
-    predictor.logits(stack[:batch_size])  # warm-up
+    predictor.logits(stack[:predictor.batch_size])  # warm-up
     started = time.perf_counter()
     predictor.logits(stack)
-    return len(images) / (time.perf_counter() - started)
+    return len(images) / (time.perf_counter() - started), predictor.batch_size
+
+
+def precision_check(model: str, images: list[Path], batch_size: int | None) -> dict:
+    """bf16 against fp32 on the same slices: share of mask pixels that agree, and speed."""
+    import tifffile
+    import torch
+
+    from brainseg_ray.config import SegmenterConfig
+    from brainseg_ray.devices import cpu_has_native_bf16
+    from brainseg_ray.inference.segmenter import Segmenter
+
+    stack = np.stack([tifffile.imread(p) for p in images])
+    masks, rates = {}, {}
+    for precision in ("fp32", "bf16"):
+        segmenter = Segmenter(SegmenterConfig(model=model, precision=precision, batch_size=batch_size,
+                                              threads=torch.get_num_threads()))
+        segmenter.segment(stack[:2])  # warm-up
+        started = time.perf_counter()
+        masks[precision] = np.stack([r.mask for r in segmenter.segment(stack)])
+        rates[precision] = len(stack) / (time.perf_counter() - started)
+    return {"bf16_mask_agreement": float((masks["fp32"] == masks["bf16"]).mean()),
+            "bf16_vs_fp32_speed": rates["bf16"] / rates["fp32"], "cpu_native_bf16": cpu_has_native_bf16(),
+            "check_slices": len(stack)}
 
 
 def seed_loop(model: str, images: list[Path], out: Path) -> float:
@@ -94,7 +120,7 @@ def seed_loop(model: str, images: list[Path], out: Path) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def job(model: str, src: Path, out: Path, batch_size: int, precision: str) -> tuple[float, int]:
+def job(model: str, src: Path, out: Path, batch_size: int | None, precision: str) -> tuple[float, int]:
     from brainseg_ray.batch import segment
     from brainseg_ray.config import SegmenterConfig, SegmentJobConfig
 
@@ -112,8 +138,9 @@ def main() -> int:
     parser.add_argument("--arch", default="unet-resnet34")
     parser.add_argument("--slices", type=int, default=800)
     parser.add_argument("--small", type=int, default=200)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the job's (16 on a GPU, 2 on a CPU)")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--check", type=int, default=32, help="slices for the bf16/fp32 check (0: skip)")
     args = parser.parse_args()
 
     from brainseg_ray.compat import ensure_torchvision_importable
@@ -135,25 +162,30 @@ def main() -> int:
         model = _model(args, tmp)
         big = _subset(root, args.slices, work / "big" / "kaggle_3m")
         small = _subset(root, args.small, work / "small" / "kaggle_3m")
-        rate_limit = limit(model, big, args.batch_size, precision)
+        rate_limit, batch_size = limit(model, big, args.batch_size, precision)
         rate_seed = seed_loop(model, big, work / "seed-out")
         seconds_small, n_small = job(model, work / "small" / "kaggle_3m", work / "job-small", args.batch_size, precision)
         seconds_big, n_big = job(model, work / "big" / "kaggle_3m", work / "job-big", args.batch_size, precision)
+        check = precision_check(model, big[:args.check], args.batch_size) if args.check else {}
         assert (n_small, n_big) == (len(small), len(big)), "the job must segment every slice"
     rate_job = n_big / seconds_big
     cost_small, cost_big = seconds_small / n_small, seconds_big / n_big
-    print(f"(a) forward limit:   {rate_limit:.2f} slices/s ({len(big)} slices in memory, batch {args.batch_size}, {precision})")
+    print(f"(a) forward limit:   {rate_limit:.2f} slices/s ({len(big)} slices in memory, batch {batch_size}, {precision})")
     print(f"(b) seed-style loop: {rate_seed:.2f} slices/s (PIL per file, fp32, batch 1)")
     print(f"(c) segment job:     {rate_job:.2f} slices/s ({n_big} slices, files to full output)")
     print(f"c/a = {rate_job / rate_limit:.3f}   c/b = {rate_job / rate_seed:.3f}")
     print(f"job cost per slice: {cost_small * 1000:.1f} ms at {n_small}, {cost_big * 1000:.1f} ms at {n_big}; "
           f"ratio {cost_big / cost_small:.3f}")
-    print(json.dumps({"limit_slices_per_s": round(rate_limit, 2), "seed_loop_slices_per_s": round(rate_seed, 2),
+    if check:
+        print(f"precision check: bf16 masks agree with fp32 on {check['bf16_mask_agreement'] * 100:.3f} % of pixels; "
+              f"bf16/fp32 speed {check['bf16_vs_fp32_speed']:.2f} ({check['check_slices']} slices; native bf16 on "
+              f"this CPU: {'yes' if check['cpu_native_bf16'] else 'no'}; auto chose {precision})")
+    print(json.dumps({**{k: (round(v, 5) if isinstance(v, float) else v) for k, v in check.items()},"limit_slices_per_s": round(rate_limit, 2), "seed_loop_slices_per_s": round(rate_seed, 2),
                       "job_slices_per_s": round(rate_job, 2), "ratio_vs_limit": round(rate_job / rate_limit, 3),
                       "ratio_vs_seed_loop": round(rate_job / rate_seed, 3),
                       "cost_ms_small": round(cost_small * 1000, 2), "cost_ms_large": round(cost_big * 1000, 2),
                       "cost_ratio_800_vs_200": round(cost_big / cost_small, 3), "slices_small": n_small,
-                      "slices_large": n_big, "model": args.model or args.arch, "batch_size": args.batch_size,
+                      "slices_large": n_big, "model": args.model or args.arch, "batch_size": batch_size,
                       "precision": precision, "cpus": os.cpu_count()}))
     return 0
 

@@ -106,7 +106,7 @@ class EvaluateConfig:
     split: str = "all"  # all, or a split name in split_file (train | val | test)
     fold: int | None = None  # or: the patients of this fold of split_file's folds
     threshold: float | None = None  # None: each model's own threshold
-    batch_size: int = 16
+    batch_size: int = 16  # slices per actor call (the forward pass takes the device's own size)
     concurrency: int = 1  # predictor actors per model
     cpus_per_actor: float = 1.0
     use_gpu: bool = False
@@ -128,7 +128,7 @@ class SegmenterConfig:
     pixel_spacing_mm: float = 1.0
     slice_thickness_mm: float = 1.0
     overlay_style: str = "outline"  # outline | tint
-    batch_size: int = 16
+    batch_size: int | None = None  # slices per forward pass; None: 16 on a GPU, 2 on a CPU
     precision: str = "auto"
     channels_last: bool = True
     use_gpu: bool | None = None  # None: a GPU when one is visible

@@ -46,6 +46,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def inference_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """Slices per forward pass: the given size, else 16 on a GPU and 2 on a CPU. On the CPU large
+    batches only cost: each activation map of a batch of 16 is past glibc's mmap threshold, so
+    every forward pass faults its memory in afresh (unet-resnet34 here: 9.3 slices/s at batch 2,
+    7.5 at batch 16, a fifth of the CPU time in the kernel)."""
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        return batch_size
+    return 16 if device.type == "cuda" else 2
+
+
 def autocast(precision: str, device: torch.device):
     """The autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":

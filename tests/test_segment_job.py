@@ -280,3 +280,20 @@ def test_a_damaged_model_is_refused_before_any_work(ray_local, synthetic_root, m
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and str(damaged) in err and "SHA-256" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.shared_data
+def test_real_slices_give_one_row_each_and_a_mask_layout(ray_local, shared_subset, model_uri, tmp_path):
+    """Three real LGG patients: every slice file found is one ok row, and DST/masks pairs with the
+    input by the kaggle_3m naming (<pid>_<n>.tif -> <pid>_<n>_mask.tif)."""
+    out = tmp_path / "out"
+    result = segment(_job(model_uri, shared_subset, out))
+    images = [p for p in shared_subset.glob("*/*.tif") if not p.stem.endswith("_mask")]
+    assert result.complete and result.found == result.ok == len(images) and result.errors == 0
+    for image in images:
+        patient, index = image.parent.name, int(image.stem.rsplit("_", 1)[1])
+        mask = tifffile.imread(out / mask_relpath(patient, index))
+        assert mask.shape == tifffile.imread(image).shape[:2]
+    patients = pq.read_table(out / "patients.parquet").to_pylist()
+    assert {p["patient_id"]: p["slices"] for p in patients} == {
+        d.name: len([i for i in images if i.parent == d]) for d in {i.parent for i in images}}

@@ -49,15 +49,14 @@ def per_slice_loss(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
 class SliceScorer:
     """Ray Data actor: a Predictor loaded once, scoring batches of slices."""
 
-    def __init__(self, model_uri: str, threshold: float | None, use_gpu: bool, precision: str, batch_size: int,
-                 threads: int):
+    def __init__(self, model_uri: str, threshold: float | None, use_gpu: bool, precision: str, threads: int):
         from brainseg_ray.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         from brainseg_ray.inference.predictor import Predictor
 
         self.predictor = Predictor.load(model_uri, use_gpu=use_gpu or "auto", precision=precision,
-                                        batch_size=batch_size, threads=threads)
+                                        threads=threads)
         self.threshold = self.predictor.threshold if threshold is None else threshold
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -141,7 +140,7 @@ def evaluate(cfg: EvaluateConfig):
         scored = dataset.map_batches(
             SliceScorer,
             fn_constructor_kwargs=dict(model_uri=uri, threshold=cfg.threshold, use_gpu=cfg.use_gpu,
-                                       precision=cfg.precision, batch_size=cfg.batch_size, threads=max(1, int(cpus))),
+                                       precision=cfg.precision, threads=max(1, int(cpus))),
             batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=cpus, num_gpus=1 if cfg.use_gpu else 0,
         )
@@ -154,8 +153,7 @@ def evaluate(cfg: EvaluateConfig):
         metrics.update_counts(ids, cols["tp"], cols["fp"], cols["fn"], cols["tn"])
         summary = metrics.compute()
         threshold = artifact.metadata.get("threshold", 0.5) if cfg.threshold is None else cfg.threshold
-        predictor = Predictor(artifact, use_gpu=cfg.use_gpu or "auto", precision=cfg.precision,
-                              batch_size=cfg.batch_size)
+        predictor = Predictor(artifact, use_gpu=cfg.use_gpu or "auto", precision=cfg.precision)
         evaluations.append(ModelEvaluation(
             name=name, model_uri=uri, version=artifact.metadata.get("version", ""), threshold=float(threshold),
             metrics=summary, patients=_patient_rows(ids, table, cols, summary),

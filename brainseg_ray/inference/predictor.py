@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from brainseg_ray.devices import autocast, pick_device, resolve_precision
+from brainseg_ray.devices import autocast, inference_batch_size, pick_device, resolve_precision
 from brainseg_ray.models.artifact import ModelArtifact, load_artifact
 from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities
 
 
 class Predictor:
     def __init__(self, artifact: ModelArtifact, *, use_gpu: bool | str = "auto", precision: str = "auto",
-                 channels_last: bool = True, batch_size: int = 16, threads: int | None = None):
+                 channels_last: bool = True, batch_size: int | None = None, threads: int | None = None):
         if threads:
             # Ray sets OMP_NUM_THREADS=1 in its workers; an actor given N CPUs should use them.
             torch.set_num_threads(threads)
@@ -26,7 +26,7 @@ class Predictor:
         self.device = pick_device(use_gpu)
         self.precision = resolve_precision(precision, self.device)
         self.channels_last = channels_last
-        self.batch_size = batch_size
+        self.batch_size = inference_batch_size(batch_size, self.device)
         self.normalisation = self.metadata["normalisation"]
         self.input_size = int(self.metadata["input"]["size"])
         self.threshold = float(self.metadata.get("threshold", 0.5))
