@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -17,12 +17,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(BIN)/brainseg demo
 
-test: install
+# The web page test drives Debian's chromium through its chromedriver (no browser download at
+# run time); installed here when missing (CI runs as root on a fresh machine).
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/ingest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/segment.py
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

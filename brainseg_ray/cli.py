@@ -100,6 +100,51 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import dataclasses
+    import os
+    import signal
+    import time
+
+    from brainseg_ray.compat import ensure_torchvision_importable
+    from brainseg_ray.models.artifact import load_artifact
+    from brainseg_ray.runtime import init_ray
+    from brainseg_ray.serve import settings
+
+    cfg = settings.load(args.config, args.overrides, model=args.model, host=args.host, port=args.port)
+    if args.s3_endpoint:
+        cfg.s3 = dataclasses.replace(cfg.s3, endpoint_url=args.s3_endpoint)
+    if cfg.s3.endpoint_url:  # load_artifact below (and a local Ray's replicas) read the environment
+        os.environ["AWS_ENDPOINT_URL_S3"] = cfg.s3.endpoint_url
+    if args.address:
+        cfg.ray.address = args.address
+    # A wrong model is one line here, not a deployment failing in a replica's log.
+    ensure_torchvision_importable()
+    version = load_artifact(cfg.segmenter.model).metadata.get("version", "")
+    init_ray(cfg.ray)
+    from ray import serve
+
+    from brainseg_ray.serve.app import start
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    # A service manager's SIGTERM ends as cleanly as Ctrl-C; SIGINT is set too, since a shell
+    # starts background commands with it ignored.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        url = start(cfg)
+        auth = "bearer token required" if settings.resolve_token(cfg) else "no auth"
+        print(f"serve: {url} model {version}, {auth}; Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(cfg.app_name)
+        print("serve: stopped", flush=True)
+    return 0
+
+
 def _cmd_models(args) -> int:
     from brainseg_ray.models.registry import available_models
 
@@ -197,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="i/n: this submission runs every n-th task only")
     _add_common(p)
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("serve", help="HTTP endpoint (Ray Serve): POST /v1/segment, a web page at /")
+    p.add_argument("--model", help="model artifact (folder or s3:// URI)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("models", help="list the model names the registry knows")
     p.set_defaults(func=_cmd_models)

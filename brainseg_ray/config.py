@@ -264,3 +264,45 @@ def _merge_into(data: dict, values: dict) -> None:
             _merge_into(data[key], value)
         else:
             data[key] = value
+
+
+@dataclass
+class ServeAutoscaling:
+    """Ray Serve's autoscaling_config for the Segmenter deployment."""
+
+    min_replicas: int = 1
+    max_replicas: int = 2
+    # Requests in flight per replica the autoscaler aims at; with batching, a replica works best
+    # with about a batch queued behind the one it is computing.
+    target_ongoing_requests: float = 4.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+
+@dataclass
+class ServeConfig:
+    """The HTTP segmentation endpoint (`brainseg serve`, serve_config.yaml's `args`)."""
+
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    host: str = "127.0.0.1"  # `brainseg serve` only; `serve run` takes serve_config.yaml's http_options
+    port: int = 8000
+    app_name: str = "brainseg"
+    route_prefix: str = "/"
+    autoscaling: ServeAutoscaling = field(default_factory=ServeAutoscaling)
+    # Segmenter replicas; also their torch threads (at least 1). Two threads per replica measured
+    # nearly 2x faster per request than one on a 2-core machine, where one replica fills it.
+    cpus_per_replica: float = 2.0
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 8  # @serve.batch: concurrent requests share one forward pass
+    batch_wait_timeout_s: float = 0.004  # a lone request waits this long for company
+    max_ongoing_requests: int = 32  # per Segmenter replica (several batches' worth)
+    ingress_replicas: int = 1
+    ingress_max_ongoing_requests: int = 256  # per ingress replica: it mostly waits on the Segmenter
+    max_body_mb: float = 10.0  # larger request bodies get 413
+    max_image_pixels: int = 4096 * 4096  # larger slices get 400 before they are decoded
+    # Bearer token: the variable named here, else auth_token; neither set means no auth.
+    auth_token_env: str = "BRAINSEG_API_TOKEN"
+    auth_token: str | None = None
+    cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
+    s3: S3Options = field(default_factory=S3Options)
+    ray: RayConfig = field(default_factory=RayConfig)

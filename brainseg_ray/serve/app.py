@@ -1,0 +1,187 @@
+"""The Ray Serve application: a FastAPI ingress and an autoscaling Segmenter deployment.
+
+    serve run serve_config.yaml                       (import_path: brainseg_ray.serve.app:app)
+    serve run brainseg_ray.serve.app:app model=RUN/model
+    brainseg serve --model RUN/model [--host H --port P]
+
+`app` is the application builder: it takes the `args` mapping (a ServeConfig) and binds
+
+    SegmentAPI (ingress: HTTP, decoding, auth, metrics)  ->  Segmenter (the shared Segmenter class;
+                                                             @serve.batch, autoscaling replicas)
+
+Concurrent requests meet in the Segmenter replica's batch queue and share one forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from brainseg_ray.config import ServeConfig
+from brainseg_ray.serve import settings
+from brainseg_ray.serve.api import BackendUnavailable, create_app
+
+SEGMENTER_NAME = "Segmenter"
+INGRESS_NAME = "SegmentAPI"
+HEALTH_TIMEOUT_S = 2.0  # a replica still loading its model answers no sooner: report "loading"
+
+
+@serve.deployment(name=SEGMENTER_NAME)
+class SegmenterDeployment:
+    """One Segmenter per replica; its model is loaded (and run once) before the replica is ready."""
+
+    def __init__(self, cfg: ServeConfig):
+        from brainseg_ray.compat import ensure_torchvision_importable
+
+        ensure_torchvision_importable()  # before smp/torchvision, in this replica's process
+        from brainseg_ray.inference.segmenter import Segmenter
+        from brainseg_ray.serve.metrics import SegmenterMetrics
+
+        # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this replica holds.
+        threads = cfg.segmenter.threads or max(1, math.floor(cfg.cpus_per_replica))
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads))
+        self.cfg = cfg
+        self.segment.set_max_batch_size(cfg.max_batch_size)
+        self.segment.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = SegmenterMetrics()
+        # Every forward pass on one thread: each new thread calling torch gets its own OpenMP team,
+        # and idle teams spinning beside the working one slowed a 2-core machine by half.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmenter")
+        size = int(self.segmenter.metadata["input"]["size"])
+        warm_up = np.zeros((1, size, size, 3), np.uint8)
+        self._compute.submit(self.segmenter.segment, warm_up).result()  # first-call costs before "ready"
+
+    def health(self) -> dict:
+        return {"model_version": self.segmenter.version}
+
+    def model_info(self) -> dict:
+        seg, opts = self.cfg.segmenter, self.segmenter.options
+        return {
+            "model_version": self.segmenter.version,
+            "artifact": {"uri": seg.model, **self.segmenter.metadata},
+            "serving": {
+                "threshold": opts.threshold, "min_component_px": opts.min_component_px, "tta": seg.tta,
+                "pixel_spacing_mm": opts.pixel_spacing_mm, "overlay_style": seg.overlay_style,
+                "precision": self.segmenter.predictor.precision, "device": str(self.segmenter.predictor.device),
+                "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
+                "max_body_mb": self.cfg.max_body_mb,
+            },
+        }
+
+    # The defaults here are ServeConfig's; __init__ sets the configured values.
+    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
+    async def segment(self, images: list[np.ndarray], overlays: list[bool]) -> list[dict]:
+        # Off the event loop, so requests arriving meanwhile join the queue for the next batch.
+        return await asyncio.get_running_loop().run_in_executor(self._compute, self._segment_batch, images, overlays)
+
+    def _segment_batch(self, images: list[np.ndarray], overlays: list[bool]) -> list[dict]:
+        started = time.perf_counter()
+        stack = np.stack(images)
+        results = self.segmenter.segment(stack)
+        drawn = [self.segmenter.overlay(image, r.mask) if want else None
+                 for image, r, want in zip(stack, results, overlays)]
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.metrics.observe_batch(len(images), elapsed_ms, sum(r.findings.tumor_present for r in results))
+        return [{"findings": r.findings.as_dict(), "mask": r.mask, "overlay": o, "batch_size": len(images),
+                 "inference_ms": elapsed_ms, "model_version": self.segmenter.version}
+                for r, o in zip(results, drawn)]
+
+
+class HandleBackend:
+    """api.Backend over the Segmenter deployment's handle."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+        self._model_info: dict | None = None
+
+    async def segment(self, image: np.ndarray, overlay: bool) -> dict:
+        from ray.exceptions import RayActorError
+
+        try:
+            return await self.handle.segment.remote(image, overlay)
+        except RayActorError:
+            pass  # the replica died with this request on it: once more, on another replica
+        try:
+            return await self.handle.segment.remote(image, overlay)
+        except RayActorError as exc:
+            raise BackendUnavailable(f"the model replica was lost: {type(exc).__name__}") from exc
+
+    async def _call(self, method: str) -> dict:
+        from ray.exceptions import RayActorError
+
+        response = getattr(self.handle, method).remote()
+        try:
+            return await asyncio.wait_for(_awaited(response), timeout=HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError as exc:
+            response.cancel()
+            raise BackendUnavailable("no model replica answered yet (loading or restarting)") from exc
+        except RayActorError as exc:
+            raise BackendUnavailable(f"the model replica was lost: {type(exc).__name__}") from exc
+
+    async def health(self) -> dict:
+        return await self._call("health")
+
+    async def model_info(self) -> dict:
+        if self._model_info is None:  # a deployment serves one model for its whole life
+            self._model_info = await self._call("model_info")
+        return self._model_info
+
+
+async def _awaited(response):
+    return await response
+
+
+@serve.deployment(name=INGRESS_NAME)
+@serve.ingress()
+class SegmentAPI:
+    def __init__(self, segmenter: DeploymentHandle, cfg: ServeConfig, token: str | None):
+        from brainseg_ray.serve.metrics import IngressMetrics
+
+        self.cfg, self.token = cfg, token
+        self.backend = HandleBackend(segmenter)
+        self.metrics = IngressMetrics()
+
+    def __serve_build_asgi_app__(self):
+        # Built in the replica, from this replica's settings (body limit, CORS, token).
+        return create_app(self.cfg, self.backend, token=self.token, observe=self.metrics.observe)
+
+
+def build(cfg: ServeConfig) -> Application:
+    """The application for a checked ServeConfig."""
+    settings.check(cfg)
+    scaling = dataclasses.asdict(cfg.autoscaling)
+    actor_options: dict = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    env = {name: value for name, value in (("AWS_ENDPOINT_URL_S3", cfg.s3.endpoint_url),
+                                           ("AWS_REGION", cfg.s3.region)) if value}
+    if env:  # an explicit S3 endpoint reaches the replicas that load the model
+        actor_options["runtime_env"] = {"env_vars": env}
+    segmenter = SegmenterDeployment.options(
+        autoscaling_config=scaling, max_ongoing_requests=cfg.max_ongoing_requests,
+        ray_actor_options=actor_options,
+    ).bind(cfg)
+    # The ingress mostly waits on the Segmenter: no CPU reserved, many requests in flight.
+    return SegmentAPI.options(
+        num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,
+        ray_actor_options={"num_cpus": 0},
+    ).bind(segmenter, cfg, settings.resolve_token(cfg))
+
+
+def app(args: dict) -> Application:
+    """Ray Serve application builder (serve_config.yaml's import_path): args -> application."""
+    return build(settings.from_args(args))
+
+
+def start(cfg: ServeConfig) -> str:
+    """Start (or reuse) Serve's HTTP proxy on cfg.host:cfg.port, deploy the application and wait
+    until it is running; returns its URL. Ray must be initialised."""
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/"
