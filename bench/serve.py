@@ -42,19 +42,9 @@ def _free_port() -> int:
 
 
 def _model(args, workdir: str) -> str:
-    if args.model:
-        return args.model
-    import torch
+    from common import model_or_untrained  # bench/ is on sys.path when a bench script runs
 
-    from brainseg_ray.models.artifact import save_artifact
-    from brainseg_ray.models.inputs import DEFAULT_NORMALISATION
-    from brainseg_ray.models.registry import ModelSpec, build_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec(args.arch)
-    uri = os.path.join(workdir, "model")
-    save_artifact(uri, build_model(spec).eval(), spec, normalisation={k: DEFAULT_NORMALISATION[k] for k in ("mean", "std")})
-    return uri
+    return model_or_untrained(args.model, args.arch, workdir)
 
 
 def _slice(workdir: str) -> tuple[str, bytes]:

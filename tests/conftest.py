@@ -73,6 +73,24 @@ def upload_tree(local: Path, s3_uri: str) -> None:
             storage.write_bytes(storage.join(s3_uri, *path.relative_to(local).parts), path.read_bytes())
 
 
+def tiny_artifact(path: Path, seed: int = 0, base_filters: int = 4, input_size: int = 64) -> str:
+    """An untrained plain U-Net artifact (fixed weights for a seed): fast, and enough for tests
+    that check plumbing, equality between paths or faults rather than quality."""
+    import torch
+
+    from brainseg_ray.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from brainseg_ray.models.artifact import save_artifact
+    from brainseg_ray.models.registry import ModelSpec, build_model
+
+    torch.manual_seed(seed)
+    spec = ModelSpec("unet", base_filters=base_filters)
+    save_artifact(str(path), build_model(spec).eval(), spec, normalisation={"mean": [0.1] * 3, "std": [0.2] * 3},
+                  threshold=0.499, input_size=input_size)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """6 synthetic patients, 8-12 slices each: OUT/kaggle_3m."""

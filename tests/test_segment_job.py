@@ -18,28 +18,18 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tifffile
-import torch
 
 from brainseg_ray.batch import SegmentJobError, mask_relpath, overlay_relpath, segment
 from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.config import SegmenterConfig, SegmentJobConfig
-from brainseg_ray.models.artifact import save_artifact
-from brainseg_ray.models.registry import ModelSpec, build_model
+from conftest import tiny_artifact
 
 ensure_torchvision_importable()
 
 
-def _tiny_artifact(path: Path, seed: int) -> str:
-    torch.manual_seed(seed)
-    spec = ModelSpec("unet", base_filters=4)
-    save_artifact(str(path), build_model(spec).eval(), spec,
-                  normalisation={"mean": [0.1] * 3, "std": [0.2] * 3}, threshold=0.499, input_size=64)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def model_uri(tmp_path_factory) -> str:
-    return _tiny_artifact(tmp_path_factory.mktemp("segmodel") / "model", seed=0)
+    return tiny_artifact(tmp_path_factory.mktemp("segmodel") / "model", seed=0)
 
 
 def _job(model: str, src, out, **kw) -> SegmentJobConfig:
@@ -129,7 +119,7 @@ def test_resume_after_a_partial_run_ends_identical(ray_local, synthetic_root, mo
 
 
 def test_an_output_of_another_model_is_refused(ray_local, synthetic_root, full_run, tmp_path):
-    other = _tiny_artifact(tmp_path / "other", seed=1)
+    other = tiny_artifact(tmp_path / "other", seed=1)
     with pytest.raises(SegmentJobError, match="model_version"):
         segment(_job(other, synthetic_root, full_run[0]))
 
@@ -178,12 +168,7 @@ def _slow_job(model: str, src, out) -> SegmentJobConfig:
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
-    torch.manual_seed(2)
-    spec = ModelSpec("unet", base_filters=16)
-    path = tmp_path_factory.mktemp("slowmodel") / "model"
-    save_artifact(str(path), build_model(spec).eval(), spec, normalisation={"mean": [0.1] * 3, "std": [0.2] * 3},
-                  threshold=0.499, input_size=256)
-    return str(path)
+    return tiny_artifact(tmp_path_factory.mktemp("slowmodel") / "model", seed=2, base_filters=16, input_size=256)
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 from PIL import Image
 
 from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.config import ConfigError, SegmenterConfig, SegmentJobConfig, ServeConfig
-from brainseg_ray.models.artifact import save_artifact
-from brainseg_ray.models.registry import ModelSpec, build_model
 from brainseg_ray.serve import settings
 from brainseg_ray.serve.loadgen import run_load
-from conftest import _free_port, upload_tree
+from conftest import _free_port, tiny_artifact, upload_tree
 
 ensure_torchvision_importable()
 
@@ -51,17 +48,9 @@ SERVE_OVERRIDES = ["cpus_per_replica=0.5",  # two replicas and a batch job fit i
                    *(f"segmenter.{k}={v}" for k, v in SEGMENTER.items())]
 
 
-def _tiny_artifact(path: Path) -> str:
-    torch.manual_seed(0)
-    spec = ModelSpec("unet", base_filters=4)
-    save_artifact(str(path), build_model(spec).eval(), spec,
-                  normalisation={"mean": [0.1] * 3, "std": [0.2] * 3}, threshold=0.499, input_size=64)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:
-    return _tiny_artifact(tmp_path_factory.mktemp("serve-model") / "model")
+    return tiny_artifact(tmp_path_factory.mktemp("serve-model") / "model")
 
 
 @pytest.fixture(scope="module")
