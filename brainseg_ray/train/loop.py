@@ -155,8 +155,11 @@ def train_loop_per_worker(plan: dict) -> dict:
                 keep = np.fromiter((p in my_val_patients for p in ids), bool, len(ids))
                 yield [p for p, k in zip(ids, keep) if k], images[keep], masks[keep]
 
+        # The bare module, not the DDP wrapper: DDP's forward broadcasts buffers (a collective), and
+        # ranks validate different numbers of batches (whole patients are dealt out, so a rank may
+        # have none), which left the rank with more batches waiting forever for the others.
         metrics, val_loss_sum, val_count = validate(
-            model, my_batches(), loss_fn=loss_fn, normalisation=plan["normalisation"], size=size,
+            unwrapped, my_batches(), loss_fn=loss_fn, normalisation=plan["normalisation"], size=size,
             device=device, precision=precision, channels_last=channels_last, threshold=cfg["threshold"])
         gathered = _gather((metrics, val_loss_sum, val_count, loss_sum, samples, train_seconds))
         merged = SegmentationMetrics()
