@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from brainseg_ray import storage
 from brainseg_ray.config import SegmentJobConfig, to_dict
+from brainseg_ray.runtime import default_cpus_per_actor
 from brainseg_ray.data.catalog import Catalog, SliceRecord, build_catalog
 
 PARTS_DIR = "_parts"
@@ -159,10 +160,6 @@ class TaskRunner:
     def __call__(self, batch: dict) -> dict:
         import pickle
 
-        import torch
-
-        # Ray Data calls this from a thread of its own; OpenMP's thread count is per thread.
-        torch.set_num_threads(self.threads)
         ids = []
         for blob in batch["task"]:
             task = pickle.loads(blob)
@@ -263,8 +260,7 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
           f"shard's {len(mine)} already done)", file=sys.stderr)
     if todo:
         if cfg.cpus_per_actor is None:
-            total = ray.cluster_resources().get("CPU", 1)
-            cfg = dataclasses.replace(cfg, cpus_per_actor=float(max(1, int(total // cfg.concurrency))))
+            cfg = dataclasses.replace(cfg, cpus_per_actor=default_cpus_per_actor(cfg.concurrency))
         ray.data.DataContext.get_current().enable_progress_bars = False
         items = [{"task": pickle.dumps(t)} for t in todo]
         finished = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

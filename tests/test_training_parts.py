@@ -178,3 +178,10 @@ def test_per_slice_loss_by_hand():
     half = np.full((1, 2, 2), 0.5, np.float32)
     # BCE of 0.5 is ln 2 everywhere; soft Dice = (2*0.5 + 1) / (2 + 1 + 1) = 0.5.
     assert np.isclose(per_slice_loss(half, truth[:1])[0], np.log(2) + 0.5, atol=1e-6)
+
+
+@pytest.mark.parametrize("count,cap,expected", [(1, None, 2), (2, None, 1), (3, None, 1), (1, 1, 1)])
+def test_default_cpus_per_actor_shares_the_cluster_within_one_node(ray_local, count, cap, expected):
+    from brainseg_ray.runtime import default_cpus_per_actor
+
+    assert default_cpus_per_actor(count, cap=cap) == expected  # the test instance: one node of 2 CPUs

@@ -18,9 +18,8 @@ from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities
 class Predictor:
     def __init__(self, artifact: ModelArtifact, *, use_gpu: bool | str = "auto", precision: str = "auto",
                  channels_last: bool = True, batch_size: int | None = None, threads: int | None = None):
-        if threads:
-            # Ray sets OMP_NUM_THREADS=1 in its workers; an actor given N CPUs should use them.
-            torch.set_num_threads(threads)
+        # Ray sets OMP_NUM_THREADS=1 in its workers; an actor given N CPUs should use them.
+        self.threads = threads
         self.artifact = artifact
         self.metadata = artifact.metadata
         self.device = pick_device(use_gpu)
@@ -41,6 +40,10 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, images: np.ndarray) -> torch.Tensor:
         """uint8 [N,H,W,3] -> float32 logits [N,1,s,s] at the model's input size (on CPU)."""
+        if self.threads:
+            # Set per call: Ray Data calls actors from a thread of its own, and OpenMP's thread
+            # count belongs to the calling thread.
+            torch.set_num_threads(self.threads)
         outputs = []
         for start in range(0, len(images), self.batch_size):
             x = images_to_tensor(images[start:start + self.batch_size], self.normalisation, self.input_size,
