@@ -154,6 +154,17 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from brainseg_ray.models.artifact import export_artifact
+
+    postprocess = {k: v for k, v in (("min_component_px", args.min_component_px),
+                                     ("largest_component_3d", args.largest_component_3d)) if v is not None}
+    version = export_artifact(args.model, args.out, half=args.half, threshold=args.threshold,
+                              postprocess=postprocess, card=args.card)
+    print(f"export: {args.model} -> {args.out} ({version}{', float16' if args.half else ''})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from brainseg_ray.demo import print_summary, run_demo
 
@@ -252,6 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the model names the registry knows")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("export", help="copy an artifact with a chosen threshold, post-processing and card, "
+                                      "optionally in float16")
+    p.add_argument("model", help="model artifact (folder or s3:// URI)")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for the copy")
+    p.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    p.add_argument("--threshold", type=float, help="the probability threshold consumers apply by default")
+    p.add_argument("--min-component-px", dest="min_component_px", type=int,
+                   help="default: drop 2-D components smaller than this")
+    p.add_argument("--largest-component-3d", dest="largest_component_3d", action=argparse.BooleanOptionalAction,
+                   help="default: keep each patient's largest 3-D component only (batch jobs)")
+    p.add_argument("--card", help="a Markdown model card to store beside it as MODEL_CARD.md")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole story on embedded synthetic data")
     p.add_argument("--out", default="demo-out")

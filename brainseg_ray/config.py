@@ -57,6 +57,9 @@ class TrainConfig:
     base_filters: int = 32
     encoder_weights_path: str | None = None  # local encoder state_dict; nothing is downloaded
     image_size: int = 256  # slices are resized to this for the model (smaller: faster search)
+    # A model artifact (or `reference`) whose weights start this run: fine-tuning, or a second stage
+    # at a larger image_size. Its model settings must match; it is ignored when resuming.
+    init_from: str | None = None
     # patients: a split file from `brainseg split`, else a fold, else a drawn split
     split_file: str | None = None
     fold: int | None = None  # validate on this fold of `folds`, train on the others
@@ -106,6 +109,12 @@ class EvaluateConfig:
     split: str = "all"  # all, or a split name in split_file (train | val | test)
     fold: int | None = None  # or: the patients of this fold of split_file's folds
     threshold: float | None = None  # None: each model's own threshold
+    # Post-processing as the Segmenter does it (None: each model's own choice); with
+    # largest_component_3d, each actor call gets whole patients.
+    min_component_px: int | None = None
+    largest_component_3d: bool | None = None
+    tta: bool = False
+    thresholds: list[float] = field(default_factory=list)  # also score these thresholds: a sweep table
     batch_size: int = 16  # slices per actor call (the forward pass takes the device's own size)
     concurrency: int = 1  # predictor actors per model
     cpus_per_actor: float = 1.0
@@ -122,8 +131,9 @@ class SegmenterConfig:
 
     model: str = ""  # model artifact folder or s3:// URI
     threshold: float | None = None  # None: the artifact's own threshold
-    min_component_px: int = 0  # drop 2-D lesion components smaller than this
-    largest_component_3d: bool = False  # per patient, keep the largest 3-D component only
+    # Post-processing; None: the artifact's own choice (model.json "postprocess"), else off.
+    min_component_px: int | None = None  # drop 2-D lesion components smaller than this
+    largest_component_3d: bool | None = None  # per patient, keep the largest 3-D component only
     tta: bool = False  # average the predictions of the slice and its flips
     pixel_spacing_mm: float = 1.0
     slice_thickness_mm: float = 1.0

@@ -183,3 +183,39 @@ def test_s3_round_trip(s3_bucket):
     assert torch.equal(_outputs(load_artifact(uri).model), _outputs(model))
     with pytest.raises(ArtifactError, match="no model.json"):
         load_artifact(f"{s3_bucket}/models/absent")
+
+
+def test_export_keeps_the_model_and_records_the_choices(tmp_path, resnet18):
+    from brainseg_ray.cli import main
+
+    spec, model = resnet18
+    source = str(tmp_path / "run-model")
+    save_artifact(source, model, spec, normalisation=NORMALISATION, threshold=0.5, training={"epoch": 3},
+                  metrics={"validation": {"patient_dice_mean": 0.8}})
+    card = tmp_path / "card.md"
+    card.write_text("# A model card\n")
+    out = tmp_path / "shipped"
+    assert main(["export", source, "--out", str(out), "--half", "--threshold", "0.4", "--min-component-px", "30",
+                 "--no-largest-component-3d", "--card", str(card)]) == 0
+    exported = load_artifact(str(out))
+    meta, before = exported.metadata, load_artifact(source).metadata
+    assert meta["dtype"] == "float16" and meta["threshold"] == 0.4
+    assert meta["postprocess"] == {"min_component_px": 30, "largest_component_3d": False}
+    assert meta["exported_from"] == {"uri": source, "version": before["version"]}
+    assert meta["training"] == {"epoch": 3} and meta["metrics"] == before["metrics"]
+    assert (out / "MODEL_CARD.md").read_text() == "# A model card\n"
+    expected, got = _outputs(model), _outputs(exported.model)
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_reference_names_the_shipped_model(tmp_path):
+    from brainseg_ray.models.reference import REFERENCE_DIR, reference_model
+
+    if reference_model() is None:
+        with pytest.raises(ArtifactError, match="no reference model is shipped"):
+            load_artifact("reference")
+        return
+    loaded = load_artifact("reference")
+    assert loaded.metadata["version"] == json.loads((REFERENCE_DIR / "model.json").read_text())["version"]
+    assert (REFERENCE_DIR / "MODEL_CARD.md").is_file()
+    assert sum(f.stat().st_size for f in REFERENCE_DIR.iterdir()) <= 20 * 1024 * 1024

@@ -93,3 +93,18 @@ def test_overlay_and_bad_settings(artifact_uri, slices):
         Segmenter(SegmenterConfig(model=artifact_uri, overlay_style="glow"))
     with pytest.raises(ValueError, match="needs a model"):
         Segmenter(SegmenterConfig())
+
+
+def test_post_processing_comes_from_the_artifact_unless_given(artifact_uri, slices, tmp_path):
+    from brainseg_ray.models.artifact import export_artifact
+
+    chosen = str(tmp_path / "chosen")
+    export_artifact(artifact_uri, chosen, threshold=0.3, postprocess={"min_component_px": 7,
+                                                                     "largest_component_3d": True})
+    options = Segmenter(SegmenterConfig(model=chosen)).options
+    assert (options.threshold, options.min_component_px, options.largest_component_3d) == (0.3, 7, True)
+    told = Segmenter(SegmenterConfig(model=chosen, threshold=0.6, min_component_px=0,
+                                     largest_component_3d=False)).options
+    assert (told.threshold, told.min_component_px, told.largest_component_3d) == (0.6, 0, False)
+    plain = Segmenter(SegmenterConfig(model=artifact_uri)).options  # an artifact that chose nothing
+    assert (plain.min_component_px, plain.largest_component_3d) == (0, False)

@@ -82,6 +82,10 @@ class ModelEvaluation:
     worst: list[WorstSlice]
     seconds: float = 0.0  # inference time
     extra: dict = field(default_factory=dict)  # anything else to record (fingerprint, split, ...)
+    # Rows of threshold, patient_dice_mean, slice_dice_mean, sensitivity, specificity: the same
+    # predictions cut at other thresholds (empty: no sweep asked for).
+    sweep: list[dict] = field(default_factory=list)
+    postprocess: dict = field(default_factory=dict)  # the post-processing applied before scoring
 
 
 # --- what the tables show ---------------------------------------------------------------------
@@ -509,6 +513,8 @@ def _model_json(ev: ModelEvaluation, slug: str) -> dict:
         "model_uri": ev.model_uri,
         "version": ev.version,
         "threshold": ev.threshold,
+        "postprocess": ev.postprocess,
+        "sweep": ev.sweep,
         "seconds": ev.seconds,
         "metrics": ev.metrics,
         "patients": _patient_rows(ev),
@@ -563,6 +569,7 @@ def _model_markdown(index: int, model: Mapping) -> list[str]:
         "",
         f"- Model: `{model.get('model_uri', '')}` (version {_fmt(model.get('version'))})",
         f"- Threshold: {_fmt(_number(model.get('threshold')))}",
+        f"- Post-processing: {_postprocess_text(model.get('postprocess') or {})}",
         f"- Inference time: {_fmt(_number(model.get('seconds')))} s",
         f"- Patients: {_fmt(metrics.get('num_patients'))}, slices: {_fmt(metrics.get('num_slices'))}"
         f", with tumour: {_fmt(metrics.get('num_tumour_slices'))}",
@@ -573,6 +580,24 @@ def _model_markdown(index: int, model: Mapping) -> list[str]:
                 [":---", "---:"]),
         "",
     ]
+
+    sweep = model.get("sweep") or []
+    if sweep:
+        best = max((_number(r.get("patient_dice_mean")) or -1.0) for r in sweep)
+        lines += [
+            "### Threshold sweep",
+            "",
+            "The same predictions and post-processing, cut at other thresholds; best patient Dice in **bold**.",
+            "",
+            *_table(["Threshold", "Patient Dice", "Slice Dice", "Sensitivity", "Specificity"],
+                    [[_fmt(_number(r.get("threshold"))),
+                      (f"**{_fmt(_number(r.get('patient_dice_mean')))}**"
+                       if _number(r.get("patient_dice_mean")) == best else _fmt(_number(r.get("patient_dice_mean")))),
+                      _fmt(_number(r.get("slice_dice_mean"))), _fmt(_number(r.get("sensitivity"))),
+                      _fmt(_number(r.get("specificity")))] for r in sweep],
+                    ["---:"] * 5),
+            "",
+        ]
 
     detection = metrics.get("detection") or {}
     tp, fn, fp, tn = (detection.get(k) for k in ("tp", "fn", "fp", "tn"))
@@ -632,6 +657,17 @@ def _model_markdown(index: int, model: Mapping) -> list[str]:
     if model.get("extra"):
         lines += ["### Extra", "", "```json", json.dumps(model["extra"], indent=2), "```", ""]
     return lines
+
+
+def _postprocess_text(options: Mapping) -> str:
+    steps = []
+    if options.get("min_component_px"):
+        steps.append(f"2-D components under {options['min_component_px']} px dropped")
+    if options.get("largest_component_3d"):
+        steps.append("largest 3-D component per patient kept")
+    if options.get("tta"):
+        steps.append("flip test-time augmentation")
+    return "; ".join(steps) if steps else "none"
 
 
 def render_markdown(report: Mapping) -> str:

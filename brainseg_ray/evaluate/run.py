@@ -7,6 +7,7 @@ by loss are predicted again on the driver for the gallery. report.py writes the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from brainseg_ray import storage
-from brainseg_ray.config import EvaluateConfig
+from brainseg_ray.config import EvaluateConfig, SegmenterConfig
 from brainseg_ray.data import schema
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
 from brainseg_ray.train.metrics import pixel_counts, slice_counts
@@ -47,29 +48,36 @@ def per_slice_loss(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
 
 
 class SliceScorer:
-    """Ray Data actor: a Predictor loaded once, scoring batches of slices."""
+    """Ray Data actor: a Segmenter loaded once (the batch job's and Serve's prediction and
+    post-processing), scoring batches of slices at its threshold and at each sweep threshold."""
 
-    def __init__(self, model_uri: str, threshold: float | None, use_gpu: bool, precision: str, threads: int):
+    def __init__(self, segmenter: SegmenterConfig, thresholds: list[float]):
         from brainseg_ray.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
-        from brainseg_ray.inference.predictor import Predictor
+        from brainseg_ray.inference.segmenter import Segmenter
 
-        self.predictor = Predictor.load(model_uri, use_gpu=use_gpu or "auto", precision=precision,
-                                        threads=threads)
-        self.threshold = self.predictor.threshold if threshold is None else threshold
+        self.segmenter = Segmenter(segmenter)
+        self.thresholds = list(thresholds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from brainseg_ray.inference.postprocess import postprocess
+
         images = decode_tensor(batch.column("image"), schema.IMAGE_SHAPE)
         truth = decode_tensor(batch.column("mask"), schema.MASK_SHAPE).astype(bool)
-        probabilities = self.predictor.probabilities(images)
-        tp, fp, fn, tn = slice_counts(probabilities > self.threshold, truth)
-        return pa.table({
-            "patient_id": batch.column("patient_id"),
-            "slice_index": batch.column("slice_index"),
-            "tp": tp, "fp": fp, "fn": fn, "tn": tn,
-            "loss": per_slice_loss(probabilities, truth),
-        })
+        ids = batch.column("patient_id").to_pylist()
+        slices = batch.column("slice_index").to_pylist()
+        probabilities = self.segmenter.probabilities(images)
+        options = self.segmenter.options
+        columns = {"patient_id": batch.column("patient_id"), "slice_index": batch.column("slice_index")}
+        for i, threshold in enumerate([options.threshold, *self.thresholds]):
+            masks = postprocess(probabilities, dataclasses.replace(options, threshold=threshold), ids, slices)
+            counts = slice_counts(masks.astype(bool), truth)
+            prefix = "" if i == 0 else f"sweep{i - 1}_"
+            columns.update({f"{prefix}{name}": c for name, c in zip(("tp", "fp", "fn", "tn"), counts)})
+        columns["loss"] = per_slice_loss(probabilities, truth)
+        return pa.table(columns)
+
 
 def select_patients(cfg: EvaluateConfig, all_patients: list[str]) -> list[str]:
     """All patients, or those of `split` (or `fold`) in a split file from `brainseg split` or a train run."""
@@ -118,7 +126,7 @@ def _actor_cpus(cfg: EvaluateConfig) -> float:
 def evaluate(cfg: EvaluateConfig):
     """Run the evaluate job (Ray must be initialised); writes the report under cfg.out."""
     from brainseg_ray.evaluate.report import ModelEvaluation, write_report
-    from brainseg_ray.inference.predictor import Predictor
+    from brainseg_ray.inference.segmenter import Segmenter
     from brainseg_ray.models.artifact import load_artifact
     from brainseg_ray.train.metrics import SegmentationMetrics
 
@@ -137,13 +145,18 @@ def evaluate(cfg: EvaluateConfig):
     evaluations = []
     for uri, artifact, name in zip(cfg.models, artifacts, names):
         started = time.perf_counter()
-        scored = dataset.map_batches(
-            SliceScorer,
-            fn_constructor_kwargs=dict(model_uri=uri, threshold=cfg.threshold, use_gpu=cfg.use_gpu,
-                                       precision=cfg.precision, threads=max(1, int(cpus))),
-            batch_size=cfg.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_cpus=cpus, num_gpus=1 if cfg.use_gpu else 0,
-        )
+        segmenter = SegmenterConfig(model=uri, threshold=cfg.threshold, min_component_px=cfg.min_component_px,
+                                    largest_component_3d=cfg.largest_component_3d, tta=cfg.tta,
+                                    precision=cfg.precision, use_gpu=cfg.use_gpu or None, threads=max(1, int(cpus)))
+        scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds),
+                       batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+                       num_cpus=cpus, num_gpus=1 if cfg.use_gpu else 0)
+        driver_segmenter = Segmenter(segmenter, artifact)  # for the gallery; its options are the actors' too
+        options = driver_segmenter.options
+        if options.largest_component_3d:  # the 3-D step needs each patient's whole stack in one call
+            scored = dataset.groupby("patient_id").map_groups(SliceScorer, **scoring)
+        else:
+            scored = dataset.map_batches(SliceScorer, batch_size=cfg.batch_size, **scoring)
         parts = list(scored.iter_batches(batch_format="pyarrow", batch_size=None))
         seconds = time.perf_counter() - started
         table = pa.concat_tables(parts).sort_by([("patient_id", "ascending"), ("slice_index", "ascending")])
@@ -152,12 +165,14 @@ def evaluate(cfg: EvaluateConfig):
         metrics = SegmentationMetrics()
         metrics.update_counts(ids, cols["tp"], cols["fp"], cols["fn"], cols["tn"])
         summary = metrics.compute()
-        threshold = artifact.metadata.get("threshold", 0.5) if cfg.threshold is None else cfg.threshold
-        predictor = Predictor(artifact, use_gpu=cfg.use_gpu or "auto", precision=cfg.precision)
+        predictor = driver_segmenter.predictor
         evaluations.append(ModelEvaluation(
-            name=name, model_uri=uri, version=artifact.metadata.get("version", ""), threshold=float(threshold),
+            name=name, model_uri=uri, version=artifact.metadata.get("version", ""), threshold=options.threshold,
             metrics=summary, patients=_patient_rows(ids, table, cols, summary),
-            worst=_worst_slices(cfg, table, predictor, threshold), seconds=round(seconds, 3),
+            worst=_worst_slices(cfg, table, driver_segmenter), seconds=round(seconds, 3),
+            sweep=_sweep_rows(cfg.thresholds, ids, table),
+            postprocess={"min_component_px": options.min_component_px,
+                         "largest_component_3d": options.largest_component_3d, "tta": cfg.tta},
             extra={"data_fingerprint": artifact.metadata.get("data_fingerprint"),
                    "slices_per_s": round(len(ids) / seconds, 2) if seconds > 0 else None,
                    "precision": predictor.precision, "device": predictor.device.type},
@@ -166,6 +181,22 @@ def evaluate(cfg: EvaluateConfig):
     report = write_report(cfg.out, evaluations, data=cfg.data, split=split, s3=cfg.s3)
     return EvaluateResult(out=cfg.out, report=report, patients=len(patients),
                           slices=evaluations[0].metrics["num_slices"])
+
+
+def _sweep_rows(thresholds: list[float], ids: list[str], table: pa.Table) -> list[dict]:
+    """Per sweep threshold: the headline figures of the same predictions cut there."""
+    from brainseg_ray.train.metrics import SegmentationMetrics
+
+    rows = []
+    for i, threshold in enumerate(thresholds):
+        metrics = SegmentationMetrics()
+        metrics.update_counts(ids, *(table.column(f"sweep{i}_{c}").to_numpy() for c in ("tp", "fp", "fn", "tn")))
+        summary = metrics.compute()
+        rows.append({"threshold": float(threshold), "patient_dice_mean": summary["patient_dice_mean"],
+                     "slice_dice_mean": summary["slice_dice_mean"],
+                     "sensitivity": summary["detection"]["sensitivity"],
+                     "specificity": summary["detection"]["specificity"]})
+    return rows
 
 
 def _patient_rows(ids: list[str], table: pa.Table, cols: dict, summary: dict) -> list[dict]:
@@ -185,8 +216,9 @@ def _patient_rows(ids: list[str], table: pa.Table, cols: dict, summary: dict) ->
     return list(rows.values())
 
 
-def _worst_slices(cfg: EvaluateConfig, table: pa.Table, predictor, threshold: float):
+def _worst_slices(cfg: EvaluateConfig, table: pa.Table, segmenter):
     from brainseg_ray.evaluate.report import WorstSlice
+    from brainseg_ray.inference.postprocess import postprocess
 
     if cfg.worst_slices <= 0 or table.num_rows == 0:
         return []
@@ -199,8 +231,9 @@ def _worst_slices(cfg: EvaluateConfig, table: pa.Table, predictor, threshold: fl
     picked = rows.take([where[key] for key in chosen])
     images = decode_tensor(picked.column("image"), schema.IMAGE_SHAPE)
     truths = decode_tensor(picked.column("mask"), schema.MASK_SHAPE)
-    probabilities = predictor.probabilities(images)
-    preds = (probabilities > threshold).astype(np.uint8)
+    probabilities = segmenter.probabilities(images)
+    # Single slices of several patients: the 2-D steps only.
+    preds = postprocess(probabilities, dataclasses.replace(segmenter.options, largest_component_3d=False))
     losses = table.column("loss").to_numpy()
     worst = []
     for k, (pid, index) in enumerate(chosen):

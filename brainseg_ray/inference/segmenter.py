@@ -44,8 +44,12 @@ class Segmenter:
                                    precision=cfg.precision, channels_last=cfg.channels_last,
                                    batch_size=cfg.batch_size, threads=cfg.threads)
         threshold = self.predictor.threshold if cfg.threshold is None else cfg.threshold
-        self.options = PostprocessOptions(threshold=threshold, min_component_px=cfg.min_component_px,
-                                          largest_component_3d=cfg.largest_component_3d,
+        chosen = self.predictor.metadata.get("postprocess") or {}  # what the model's validation chose
+        min_px = chosen.get("min_component_px", 0) if cfg.min_component_px is None else cfg.min_component_px
+        largest_3d = chosen.get("largest_component_3d", False) if cfg.largest_component_3d is None \
+            else cfg.largest_component_3d
+        self.options = PostprocessOptions(threshold=threshold, min_component_px=int(min_px),
+                                          largest_component_3d=bool(largest_3d),
                                           pixel_spacing_mm=cfg.pixel_spacing_mm,
                                           slice_thickness_mm=cfg.slice_thickness_mm)
 

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 METADATA_FILE = "model.json"
 SAFETENSORS_FILE = "weights.safetensors"
 TORCH_FILE = "weights.pt"
+CARD_FILE = "MODEL_CARD.md"  # optional: what the model is, how it was made and measured
 
 try:  # optional: the fallback is a weights_only torch file
     import safetensors.torch as _safetensors
@@ -67,11 +68,15 @@ def save_artifact(
     metrics: dict | None = None,
     half: bool = False,
     input_size: int = IMAGE_SIZE,
+    postprocess: dict | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Write `model`'s weights and model.json under `uri`; returns the artifact's version.
 
     `input_size` is the side the model was trained at: consumers resize slices to it and its
-    output back to the slice's size (models/inputs.py).
+    output back to the slice's size (models/inputs.py). `postprocess` (min_component_px,
+    largest_component_3d) is the post-processing chosen with the threshold, which a Segmenter
+    applies unless told otherwise. `extra` adds top-level keys (e.g. where an export came from).
     """
     for key in ("mean", "std"):
         values = normalisation.get(key)
@@ -92,6 +97,7 @@ def save_artifact(
         "input": {"size": int(input_size), "channels": spec.in_channels, "channel_names": channels},
         "normalisation": {"scale": 255, **normalisation},
         "threshold": float(threshold),
+        **({"postprocess": dict(postprocess)} if postprocess else {}),
         "training": training or {},
         "data_fingerprint": data_fingerprint,
         "metrics": metrics or {},
@@ -100,6 +106,7 @@ def save_artifact(
         "dtype": "float16" if half else "float32",
         "weights_file": weights_file,
         "weights_sha256": digest,
+        **(extra or {}),
     }
     text = json.dumps(metadata, indent=2, sort_keys=False, default=_json_default) + "\n"
     meta_uri = storage.join(uri, METADATA_FILE)
@@ -114,7 +121,9 @@ def save_artifact(
 
 
 def load_artifact(uri: str) -> ModelArtifact:
-    """The model under `uri`, in eval mode, float32 on CPU, with its metadata."""
+    """The model under `uri` (or `reference`: the shipped model), in eval mode, float32 on CPU,
+    with its metadata."""
+    uri = _resolve(uri)
     metadata = _read_metadata(uri)
     fields = dict(metadata.get("model") or {})
     fields["name"] = metadata.get("architecture", fields.get("name"))
@@ -134,13 +143,41 @@ def load_artifact(uri: str) -> ModelArtifact:
     return ModelArtifact(spec=spec, metadata=metadata, model=model)
 
 
+def export_artifact(source: str, out: str, *, half: bool = False, threshold: float | None = None,
+                    postprocess: dict | None = None, card: str | None = None) -> str:
+    """A copy of the artifact at `source` under `out`, optionally in float16 and with a chosen
+    threshold and post-processing; `card` (a Markdown file) is copied beside it as MODEL_CARD.md.
+    Its training record and metrics are kept; `exported_from` names the source. Returns the version."""
+    artifact = load_artifact(source)
+    meta = artifact.metadata
+    chosen = {**(meta.get("postprocess") or {}), **(postprocess or {})}
+    if card:
+        storage.write_bytes(storage.join(out, CARD_FILE), storage.read_bytes(card))
+    return save_artifact(
+        out, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
+        threshold=meta.get("threshold", 0.5) if threshold is None else threshold, training=meta.get("training"),
+        data_fingerprint=meta.get("data_fingerprint"), metrics=meta.get("metrics"), half=half,
+        input_size=meta["input"]["size"], postprocess=chosen or None,
+        extra={"exported_from": {"uri": source, "version": meta.get("version", "")}})
+
+
 def check_artifact(uri: str) -> dict:
     """The artifact's metadata, once its model.json is readable and its weights match their
     SHA-256; cheaper than load_artifact (no model is built), for a driver that only hands the
     URI on to workers but should refuse a bad artifact before starting them."""
+    uri = _resolve(uri)
     metadata = _read_metadata(uri)
     _verified_weights(uri, metadata)
     return metadata
+
+
+def _resolve(uri: str) -> str:
+    from brainseg_ray.models.reference import resolve_model_uri
+
+    try:
+        return resolve_model_uri(uri)
+    except FileNotFoundError as exc:
+        raise ArtifactError(uri, str(exc)) from None
 
 
 def _verified_weights(uri: str, metadata: dict) -> tuple[str, bytes]:

@@ -47,7 +47,8 @@ class SegmenterDeployment:
 
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this replica holds.
         threads = cfg.segmenter.threads or max(1, math.floor(cfg.cpus_per_replica))
-        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads))
+        # One slice per request: a model's per-patient 3-D post-processing cannot apply here.
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads, largest_component_3d=False))
         self.cfg = cfg
         self.segment.set_max_batch_size(cfg.max_batch_size)
         self.segment.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)

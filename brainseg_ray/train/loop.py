@@ -96,6 +96,8 @@ def train_loop_per_worker(plan: dict) -> dict:
 
     spec = ModelSpec(**plan["spec"])
     model = build_model(spec)
+    if plan.get("init_state") is not None:  # init_from; a checkpoint restored below wins over it
+        model.load_state_dict(plan["init_state"])
     optimizer = build_optimizer(model, cfg["lr"], cfg["weight_decay"])
     scheduler = build_one_cycle(optimizer, cfg["lr"], plan["steps_per_epoch"] * cfg["epochs"])
     loss_fn = build_loss(cfg["loss"])

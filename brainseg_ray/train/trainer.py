@@ -125,12 +125,11 @@ def _check_config(cfg: TrainConfig) -> None:
 
 
 def _cpus_per_worker(cfg: TrainConfig) -> float:
-    import ray
+    from brainseg_ray.runtime import default_cpus_per_actor
 
     if cfg.cpus_per_worker:
         return cfg.cpus_per_worker
-    total = ray.cluster_resources().get("CPU", 1)
-    return float(max(1, min(8, int(total // cfg.num_workers))))
+    return default_cpus_per_actor(cfg.num_workers, cap=8)
 
 
 def _run_config(cfg: TrainConfig):
@@ -188,6 +187,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from brainseg_ray.models.registry import ModelSpec
 
     _check_config(cfg)
+    spec = ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
+                     encoder_weights_path=cfg.encoder_weights_path)
+    init_state, init_record = _initial_weights(cfg, spec)  # before any data is read: fail fast
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch lines say more
     manifest = read_manifest(cfg.data, cfg.s3)
     train_patients, val_patients, how = choose_patients(cfg, tumour_slices_by_patient(cfg.data, cfg.s3))
@@ -210,10 +212,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise TrainingError(f"{n_train} training slices give {per_worker} per worker, fewer than batch_size "
                             f"{cfg.batch_size}; lower batch_size or num_workers")
     cpus = _cpus_per_worker(cfg)
-    spec = ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
-                     encoder_weights_path=cfg.encoder_weights_path)
     config = to_dict(cfg)
     plan = {
+        "init_state": init_state,
         "config": config,
         "spec": {k: v for k, v in vars(spec).items()},
         "normalisation": normalisation_from_profile(manifest.get("profile")),
@@ -227,6 +228,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             "split": split_record,
             "slices": {"train": n_train, "val": n_val},
             "data": cfg.data,
+            **({"init_from": init_record} if init_record else {}),
         },
     }
     print(f"train: {cfg.model} on {len(train_patients)} patients ({n_train} slices), validating on "
@@ -249,6 +251,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     if result.error:
         raise TrainingError(f"training failed: {result.error}")
     return _finish(cfg, result)
+
+
+def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
+    """The state_dict of cfg.init_from (sent to every worker with the plan, so nodes need no access
+    to the file) and what to record of it; (None, None) without one."""
+    from brainseg_ray.models.artifact import ArtifactError, load_artifact
+    from brainseg_ray.models.reference import resolve_model_uri
+
+    if not cfg.init_from:
+        return None, None
+    try:
+        artifact = load_artifact(resolve_model_uri(cfg.init_from))
+    except (ArtifactError, FileNotFoundError) as exc:
+        raise TrainingError(f"init_from: {exc}") from None
+    mine = {k: getattr(spec, k) for k in ("name", "in_channels", "classes", "encoder_depth", "base_filters")}
+    theirs = {k: getattr(artifact.spec, k) for k in mine}
+    if spec.name == "unet":
+        mine.pop("encoder_depth"), theirs.pop("encoder_depth")
+    else:
+        mine.pop("base_filters"), theirs.pop("base_filters")
+    if mine != theirs:
+        raise TrainingError(f"init_from {cfg.init_from}: its model {theirs} differs from this run's {mine}")
+    state = {k: v.detach().float().clone() for k, v in artifact.model.state_dict().items()}
+    return state, {"uri": cfg.init_from, "version": artifact.metadata.get("version", "")}
 
 
 def _finish(cfg: TrainConfig, result) -> TrainResult:
