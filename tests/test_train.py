@@ -136,14 +136,17 @@ def test_two_workers_ddp_to_s3(synthetic_dataset, s3_bucket):
     assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
 
 
-def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path):
+def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
     """min_delta=1 makes any later epoch "no better" than the first: with patience 1 the run must
-    stop after epoch 2 of 5, and the model is epoch 1's."""
+    stop after epoch 2 of 5, and the model is epoch 1's. The run folder is relative, as a user
+    types it (Ray Train's workers run elsewhere)."""
     from brainseg_ray.train.trainer import train
 
-    cfg = TrainConfig(data=synthetic_dataset, out=str(tmp_path / "run"), epochs=5, val_fraction=0.34,
+    monkeypatch.chdir(tmp_path)
+    cfg = TrainConfig(data=synthetic_dataset, out="run", epochs=5, val_fraction=0.34,
                       early_stopping_patience=1, min_delta=1.0, **TINY)
     result = train(cfg)
+    assert result.model_uri == str(tmp_path / "run" / "model") and (tmp_path / "run" / "history.json").is_file()
     assert result.stopped_early and result.epochs_run == 2
     assert [row["is_best"] for row in result.history] == [True, False]
     assert result.best_epoch == 1 and load_artifact(result.model_uri).metadata["training"]["epoch"] == 1

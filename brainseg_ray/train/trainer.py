@@ -13,6 +13,7 @@ it from the checkpoints folder's snapshot), unless `resume=false`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -187,6 +188,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from brainseg_ray.models.registry import ModelSpec
 
     _check_config(cfg)
+    if not storage.is_s3(cfg.out):
+        # Ray Train's workers run in a directory of their own: a relative run folder would land there.
+        cfg = dataclasses.replace(cfg, out=os.path.abspath(cfg.out))
     spec = ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
                      encoder_weights_path=cfg.encoder_weights_path)
     init_state, init_record = _initial_weights(cfg, spec)  # before any data is read: fail fast
