@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("segment", help="bulk-segment a folder, S3 prefix or archive(s): masks, overlays, findings")
-    p.add_argument("--model", help="model artifact (folder or s3:// URI)")
+    p.add_argument("--model", help="model artifact (folder or s3:// URI); default: reference, the shipped model")
     p.add_argument("--input", help="folder, s3:// prefix, .tar/.tar.gz/.zip, or a glob of archives")
     p.add_argument("--output", help="output folder or s3:// prefix; rerun the same command to continue")
     p.add_argument("--shard", help="i/n: this submission runs every n-th task only")
@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("serve", help="HTTP endpoint (Ray Serve): POST /v1/segment, a web page at /")
-    p.add_argument("--model", help="model artifact (folder or s3:// URI)")
+    p.add_argument("--model", help="model artifact (folder or s3:// URI); default: reference, the shipped model")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
     _add_common(p)

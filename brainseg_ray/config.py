@@ -129,7 +129,7 @@ class EvaluateConfig:
 class SegmenterConfig:
     """How one Segmenter turns slices into masks and findings (the batch job and Serve alike)."""
 
-    model: str = ""  # model artifact folder or s3:// URI
+    model: str = "reference"  # model artifact folder or s3:// URI; `reference`: the shipped model
     threshold: float | None = None  # None: the artifact's own threshold
     # Post-processing; None: the artifact's own choice (model.json "postprocess"), else off.
     min_component_px: int | None = None  # drop 2-D lesion components smaller than this

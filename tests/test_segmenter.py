@@ -92,7 +92,7 @@ def test_overlay_and_bad_settings(artifact_uri, slices):
     with pytest.raises(ValueError, match="overlay_style"):
         Segmenter(SegmenterConfig(model=artifact_uri, overlay_style="glow"))
     with pytest.raises(ValueError, match="needs a model"):
-        Segmenter(SegmenterConfig())
+        Segmenter(SegmenterConfig(model=""))
 
 
 def test_post_processing_comes_from_the_artifact_unless_given(artifact_uri, slices, tmp_path):

@@ -139,7 +139,7 @@ def test_builder_args_from_the_serve_command_line_are_typed():
 
 
 @pytest.mark.parametrize("args,message", [
-    ({}, "needs a model artifact"),
+    ({"model": ""}, "needs a model artifact"),
     ({"model": "/m", "segmenter.largest_component_3d": True}, "whole stack"),
     ({"model": "/m", "max_body_mb": 0}, "max_body_mb"),
     ({"model": "/m", "nope": 1}, "unknown setting nope"),
@@ -496,3 +496,9 @@ def test_web_page_uploads_a_slice_and_shows_overlay_and_numbers(server, syntheti
     finally:
         browser.quit()
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
+
+
+def test_the_shipped_reference_model_is_the_default():
+    from brainseg_ray.config import SegmentJobConfig
+
+    assert settings.from_args({}).segmenter.model == "reference" == SegmentJobConfig().segmenter.model
