@@ -250,19 +250,28 @@ def cluster():
         "PYTHONUNBUFFERED": "1",
         "BRAINSEG_TEST_CLUSTER": f"{temp_dir}/",  # marks this cluster's processes for the teardown
     })
-    gcs_port, dashboard_port = _free_port(HEAD_IP), _free_port(HEAD_IP)
-    # For Ray's own processes that look the cluster up (Ray Train's placement-group cleaner): other
-    # Ray instances on this machine would otherwise make the lookup ambiguous.
-    env["RAY_API_SERVER_ADDRESS"] = f"http://{HEAD_IP}:{dashboard_port}"
-    common = ["--num-cpus=1", "--num-gpus=0", f"--object-store-memory={300 * 1024 * 1024}", "--disable-usage-stats"]
     started, up = time.monotonic(), False
     try:
-        _start_node(env, ["--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
-                          f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard_port}",
-                          f"--ray-client-server-port={_free_port(HEAD_IP)}", *_node_ports(HEAD_IP),
-                          f"--temp-dir={temp_dir / 'head'}", *common])
-        _start_node(env, [f"--address={HEAD_IP}:{gcs_port}", f"--node-ip-address={WORKER_IP}",
-                          *_node_ports(WORKER_IP), f"--temp-dir={temp_dir / 'worker'}", *common])
+        # A loaded machine can make `ray start` give up on its own GCS ("Deadline Exceeded"): one
+        # more try, on fresh ports, after the first try's processes are gone.
+        for attempt in (1, 2):
+            gcs_port, dashboard_port = _free_port(HEAD_IP), _free_port(HEAD_IP)
+            # For Ray's own processes that look the cluster up (Ray Train's placement-group
+            # cleaner): other Ray instances on this machine would make the lookup ambiguous.
+            env["RAY_API_SERVER_ADDRESS"] = f"http://{HEAD_IP}:{dashboard_port}"
+            try:
+                _start_node(env, ["--head", f"--node-ip-address={HEAD_IP}", f"--port={gcs_port}",
+                                  f"--dashboard-host={HEAD_IP}", f"--dashboard-port={dashboard_port}",
+                                  f"--ray-client-server-port={_free_port(HEAD_IP)}", *_node_ports(HEAD_IP),
+                                  f"--temp-dir={temp_dir / f'head-{attempt}'}", *common])
+                _start_node(env, [f"--address={HEAD_IP}:{gcs_port}", f"--node-ip-address={WORKER_IP}",
+                                  *_node_ports(WORKER_IP), f"--temp-dir={temp_dir / f'worker-{attempt}'}", *common])
+                break
+            except RuntimeError as exc:
+                if attempt == 2:
+                    raise
+                print(f"cluster start failed, trying again: {str(exc)[-500:]}")
+                kill_cluster(temp_dir)
         handle = RayCliCluster(dashboard_url=f"http://{HEAD_IP}:{dashboard_port}", gcs_address=f"{HEAD_IP}:{gcs_port}",
                                env=env, temp_dir=temp_dir, token=token)
         deadline = time.monotonic() + 60
