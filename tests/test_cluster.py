@@ -250,6 +250,7 @@ def cluster():
         "PYTHONUNBUFFERED": "1",
         "BRAINSEG_TEST_CLUSTER": f"{temp_dir}/",  # marks this cluster's processes for the teardown
     })
+    common = ["--num-cpus=1", "--num-gpus=0", f"--object-store-memory={300 * 1024 * 1024}", "--disable-usage-stats"]
     started, up = time.monotonic(), False
     try:
         # A loaded machine can make `ray start` give up on its own GCS ("Deadline Exceeded"): one
