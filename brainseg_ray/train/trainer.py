@@ -261,13 +261,12 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     """The state_dict of cfg.init_from (sent to every worker with the plan, so nodes need no access
     to the file) and what to record of it; (None, None) without one."""
     from brainseg_ray.models.artifact import ArtifactError, load_artifact
-    from brainseg_ray.models.reference import resolve_model_uri
 
     if not cfg.init_from:
         return None, None
     try:
-        artifact = load_artifact(resolve_model_uri(cfg.init_from))
-    except (ArtifactError, FileNotFoundError) as exc:
+        artifact = load_artifact(cfg.init_from)  # `reference` included
+    except ArtifactError as exc:
         raise TrainingError(f"init_from: {exc}") from None
     mine = {k: getattr(spec, k) for k in ("name", "in_channels", "classes", "encoder_depth", "base_filters")}
     theirs = {k: getattr(artifact.spec, k) for k in mine}
