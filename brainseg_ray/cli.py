@@ -39,13 +39,14 @@ def _ray_values(args) -> dict:
 
 def _cmd_ingest(args) -> int:
     from brainseg_ray.config import IngestConfig, load_config
-    from brainseg_ray.data.ingest import ingest
+    from brainseg_ray.data.ingest import ingest, list_sources
     from brainseg_ray.runtime import init_ray
 
     cfg = load_config(IngestConfig, args.config, args.overrides, source=args.source, out=args.out,
                       masks=args.masks, **_s3_values(args), **_ray_values(args))
+    catalog = list_sources(cfg)  # before Ray starts: a wrong source costs no start-up
     init_ray(cfg.ray)
-    result = ingest(cfg)
+    result = ingest(cfg, catalog)
     print(result.summary_line())
     return 0
 

@@ -314,5 +314,6 @@ class ServeConfig:
     auth_token_env: str = "BRAINSEG_API_TOKEN"
     auth_token: str | None = None
     cors_origins: list[str] = field(default_factory=list)  # empty: no CORS headers at all
+    log_level: str = "INFO"  # Serve's own and the replicas' logs (INFO includes one access line per request)
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)

@@ -174,6 +174,7 @@ def serve_and_call(model_uri: str, slice_path: str, log=print) -> dict:
 
     cfg = settings.load(model=model_uri)
     cfg.app_name = DEMO_APP  # on a shared Serve instance, never replaces (or deletes) someone's app
+    cfg.log_level = "WARNING"  # the demo prints its own summary; Serve's access lines would bury it
     if not _port_free(cfg.host, cfg.port):
         cfg.port = _a_free_port(cfg.host)
     # One replica must fit the instance (the default asks 2 CPUs; the demo may run on fewer).

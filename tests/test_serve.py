@@ -44,7 +44,7 @@ SEGMENTER = {"precision": "fp32", "min_component_px": 3}
 SERVE_OVERRIDES = ["cpus_per_replica=0.5",  # two replicas and a batch job fit in 2 CPUs
                    "autoscaling.min_replicas=1", "autoscaling.max_replicas=2",
                    "autoscaling.target_ongoing_requests=2", "autoscaling.upscale_delay_s=1",
-                   f"cors_origins=[{ALLOWED_ORIGIN}]",
+                   f"cors_origins=[{ALLOWED_ORIGIN}]", "log_level=WARNING",
                    *(f"segmenter.{k}={v}" for k, v in SEGMENTER.items())]
 
 
@@ -163,6 +163,16 @@ def test_health_is_open_and_ready(server):
     answer = requests.get(f"{server}/v1/health", timeout=30)
     assert answer.status_code == 200
     assert answer.json()["status"] == "ok" and answer.json()["model_loaded"] is True
+
+
+def test_log_level_reaches_the_replicas(server, slice_tiff, ray_local):
+    """log_level=WARNING: the replicas' log files get no INFO lines (no access line per request)."""
+    assert _post(server, slice_tiff).status_code == 200
+    serve_logs = Path(ray_local._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    replica_logs = sorted(serve_logs.glob("replica_brainseg_*.log"))
+    assert replica_logs, sorted(p.name for p in serve_logs.iterdir())
+    text = "".join(p.read_text() for p in replica_logs)
+    assert " INFO " not in text and "POST /v1/segment" not in text, text[-2000:]
 
 
 def test_model_metadata_and_openapi(server, model_dir):

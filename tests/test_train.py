@@ -168,7 +168,7 @@ def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
     again continues from the saved epoch and ends with one unbroken history."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "brainseg_ray.cli", "train", "--data", synthetic_dataset, "--out", str(out),
-               "--epochs", "4", "val_fraction=0.34", "ray.num_cpus=2", "ray.include_dashboard=false",
+               "--epochs", "3", "val_fraction=0.34", "ray.num_cpus=2", "ray.include_dashboard=false",
                *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -182,14 +182,14 @@ def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     done_before = json.loads((out / "history.json").read_text())
-    assert 1 <= len(done_before) < 4
+    assert 1 <= len(done_before) < 3
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after epoch" in line]
     assert resumed, second.stdout[-2000:]
     history = json.loads((out / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2, 3, 4]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
     # Epochs finished before the kill are kept as they were, not trained again.
     assert history[0]["train_loss"] == done_before[0]["train_loss"]
     assert "resumed after epoch" in second.stdout

@@ -256,14 +256,21 @@ def _clear_previous(cfg: IngestConfig) -> None:
     storage.makedirs(storage.join(cfg.out, schema.SLICES_DIR), cfg.s3)
 
 
-def ingest(cfg: IngestConfig) -> IngestResult:
-    """Run the ingest job (Ray must be initialised); returns counts and the manifest."""
-    import ray
-
+def list_sources(cfg: IngestConfig) -> Catalog:
+    """The slice files ingest would read; needs no Ray, so a wrong source is reported before it starts."""
     if not cfg.source or not cfg.out:
         raise ValueError("ingest needs a source and an output (--out)")
+    return build_catalog(cfg.source, cfg.s3, cfg.masks)
+
+
+def ingest(cfg: IngestConfig, catalog: Catalog | None = None) -> IngestResult:
+    """Run the ingest job (Ray must be initialised); returns counts and the manifest. `catalog` is
+    list_sources' result when the caller listed the sources already (the CLI does)."""
+    import ray
+
     started = time.time()
-    catalog = build_catalog(cfg.source, cfg.s3, cfg.masks)
+    if catalog is None:
+        catalog = list_sources(cfg)
     print(f"ingest: {catalog.found} slice files in {len(catalog.sources)} source(s) "
           f"({len(catalog.rejected())} rejected by name or layout)", file=sys.stderr)
     _clear_previous(cfg)

@@ -183,6 +183,7 @@ def app(args: dict) -> Application:
 def start(cfg: ServeConfig) -> str:
     """Start (or reuse) Serve's HTTP proxy on cfg.host:cfg.port, deploy the application and wait
     until it is running; returns its URL. Ray must be initialised."""
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix)
+    logging_config = {"log_level": cfg.log_level}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=logging_config)
+    serve.run(build(cfg), name=cfg.app_name, route_prefix=cfg.route_prefix, logging_config=logging_config)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}/"
