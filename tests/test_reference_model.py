@@ -38,6 +38,18 @@ def test_artifact_loads_and_is_small_enough():
     assert "Not a medical device" in text and "CC BY-NC-SA 4.0" in text and "jobs/reference_model.sh" in text
 
 
+def test_the_rebuild_script_names_what_shipped():
+    from brainseg_ray.models.artifact import load_artifact
+
+    meta = load_artifact("reference").metadata
+    script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_model.sh").read_text()
+    assert f"THRESHOLD={meta['threshold']:g}\n" in script
+    assert f"--model {meta['model']['name']}" in script and f"image_size={meta['input']['size']}" in script
+    post = meta["postprocess"]
+    assert ("--largest-component-3d" if post["largest_component_3d"] else "--no-largest-component-3d") in script
+    assert f"--min-component-px {post['min_component_px']}" in script
+
+
 @pytest.mark.shared_data
 def test_evaluate_reproduces_the_cards_validation_figures(shared_root, ray_local, tmp_path):
     from brainseg_ray.config import EvaluateConfig, IngestConfig
