@@ -21,12 +21,15 @@ train() {  # train RUN EPOCHS [key=value ...]: one stage; rerunning the script r
   $BRAINSEG train --config jobs/train.yaml --data "$WORK/dataset" --out "$WORK/$run" "${MODEL[@]}" \
     --epochs "$epochs" --num-workers 1 "split_file=$WORK/split.json" batch_size=8 early_stopping_patience=20 "$@"
 }
+score() {  # score OUT SPLIT --model M... [key=value ...]: brainseg evaluate on SPLIT's patients
+  local out=$1 split=$2; shift 2
+  $BRAINSEG evaluate --data "$WORK/dataset" --split-file "$WORK/split.json" --split "$split" --out "$WORK/$out" "$@"
+}
 best_checkpoint() {  # best_checkpoint RUN [key=value ...]: of the epochs RUN kept (its best two by raw
   # validation Dice and its latest), the one with the best validation patient Dice after the 3-D
   # step, the measure the model is used with; evaluate's report.md there has the table.
   local run=$1; shift
-  $BRAINSEG evaluate $(for c in "$WORK/$run"/checkpoints/epoch-*; do echo --model "$c"; done) \
-    --data "$WORK/dataset" --out "$WORK/$run-checkpoints" --split-file "$WORK/split.json" --split val \
+  score "$run-checkpoints" val $(for c in "$WORK/$run"/checkpoints/epoch-*; do echo --model "$c"; done) \
     threshold=0.5 largest_component_3d=true min_component_px=0 worst_slices=0 "$@" >&2
   python3 -c 'import json, sys; models = json.load(open(sys.argv[1]))["models"]
 print(max(models, key=lambda m: m["metrics"]["patient_dice_mean"])["model_uri"])' "$WORK/$run-checkpoints/report.json"
@@ -40,18 +43,11 @@ STAGE2=$(best_checkpoint stage2)
 train stage3 3 image_size=256 lr=0.0002 "init_from=$STAGE2"
 # Stage 3's checkpoints with the threshold sweep; then the other post-processing on the best one.
 FINAL=$(best_checkpoint stage3 "thresholds=[0.3,0.4,0.5,0.6,0.7]")
-for name in none cc64-3d; do
-  case $name in
-    none) options=(largest_component_3d=false min_component_px=0) ;;
-    cc64-3d) options=(largest_component_3d=true min_component_px=64) ;;
-  esac
-  $BRAINSEG evaluate --model "$FINAL" --data "$WORK/dataset" --out "$WORK/val-$name" \
-    --split-file "$WORK/split.json" --split val threshold=0.5 "${options[@]}"
-done
+score val-none val --model "$FINAL" threshold=0.5 largest_component_3d=false min_component_px=0
+score val-cc64-3d val --model "$FINAL" threshold=0.5 largest_component_3d=true min_component_px=64
 $BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD "${POSTPROCESS[@]}" \
   --card brainseg_ray/reference_model/MODEL_CARD.md
 # The card's figures: the exported model on the validation and the untouched test patients.
 for split in val test; do
-  $BRAINSEG evaluate --model "$WORK/model" --data "$WORK/dataset" --out "$WORK/$split-exported" \
-    --split-file "$WORK/split.json" --split $split
+  score "$split-exported" $split --model "$WORK/model"
 done
