@@ -56,7 +56,14 @@ class TrainConfig:
     encoder_depth: int = 5
     base_filters: int = 32
     encoder_weights_path: str | None = None  # local encoder state_dict; nothing is downloaded
+    # default | imagenet | none; default: the installed ImageNet weights where they fit the encoder
+    # (unet-efficientnet-lite0/1/2), else random
+    encoder_weights: str = "default"
     image_size: int = 256  # slices are resized to this for the model (smaller: faster search)
+    # Train on random crops of this side cut at native resolution (image_size stays the slice's);
+    # validation and inference see whole slices. None: whole slices.
+    crop_size: int | None = None
+    foreground_fraction: float = 0.33  # share of crops centred near tumour pixels (nnU-Net's 0.33)
     # A model artifact (or `reference`) whose weights start this run: fine-tuning, or a second stage
     # at a larger image_size. Its model settings must match; it is ignored when resuming.
     init_from: str | None = None
@@ -68,8 +75,14 @@ class TrainConfig:
     seed: int = 0
     # optimisation
     epochs: int = 30
+    # Optimizer steps in all, a compute budget (per worker; samples = steps x batch_size x workers);
+    # None: `epochs` passes over the training slices
+    steps: int | None = None
+    eval_every_steps: int = 250  # with steps: validate and checkpoint this often (a history row each)
+    schedule: str = "one_cycle"  # one_cycle | cosine (linear warm-up, then cosine down to lr/1000)
+    warmup_fraction: float | None = None  # share of the steps warming up; None: 0.3 one-cycle, 0.05 cosine
     batch_size: int = 16  # per worker
-    lr: float = 1e-3  # one-cycle peak learning rate (see `brainseg lr-find`)
+    lr: float = 1e-3  # peak learning rate (see `brainseg lr-find`)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     loss: str = "bce_dice"
@@ -77,7 +90,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: AMP on GPU, bf16 on CPUs that have it)
     channels_last: bool = True
     threshold: float = 0.5
-    early_stopping_patience: int = 8  # epochs without a better validation per-patient Dice
+    early_stopping_patience: int = 8  # epochs (step rounds) without a better validation per-patient Dice
     min_delta: float = 0.0
     keep_checkpoints: int = 2  # best N by validation per-patient Dice (the latest is kept too)
     resume: bool = True  # continue from the latest checkpoint under `out`
@@ -112,8 +125,10 @@ class EvaluateConfig:
     # Post-processing as the Segmenter does it (None: each model's own choice); with
     # largest_component_3d, each actor call gets whole patients.
     min_component_px: int | None = None
+    min_component_peak: float | None = None
     largest_component_3d: bool | None = None
-    tta: bool = False
+    keep_3d_fraction: float | None = None
+    tta: bool | None = None
     thresholds: list[float] = field(default_factory=list)  # also score these thresholds: a sweep table
     batch_size: int = 16  # slices per actor call (the forward pass takes the device's own size)
     concurrency: int = 1  # predictor actors per model
@@ -133,8 +148,10 @@ class SegmenterConfig:
     threshold: float | None = None  # None: the artifact's own threshold
     # Post-processing; None: the artifact's own choice (model.json "postprocess"), else off.
     min_component_px: int | None = None  # drop 2-D lesion components smaller than this
+    min_component_peak: float | None = None  # drop 2-D components whose highest probability is below this
     largest_component_3d: bool | None = None  # per patient, keep the largest 3-D component only
-    tta: bool = False  # average the predictions of the slice and its flips
+    keep_3d_fraction: float | None = None  # with it, keep 3-D components of at least this share of the largest
+    tta: bool | None = None  # average the predictions of the slice and its flips
     pixel_spacing_mm: float = 1.0
     slice_thickness_mm: float = 1.0
     overlay_style: str = "outline"  # outline | tint

@@ -13,7 +13,8 @@ from brainseg_ray.models import ModelSpec, available_models, build_model, resolv
 from brainseg_ray.models.unet import UNet
 
 FIXED_NAMES = ["unet", "unet-resnet18", "unet-resnet34", "unet-resnet50", "unet-resnet101",
-               "unet-resnet152", "unet-resnext50_32x4d"]
+               "unet-resnet152", "unet-resnext50_32x4d", "unet-efficientnet-lite0", "unet-efficientnet-lite1",
+               "unet-efficientnet-lite2"]
 
 
 def test_available_models_lists_the_fixed_names():

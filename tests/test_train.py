@@ -165,11 +165,15 @@ def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
 
 def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
     """Kill the whole train job (driver and its Ray) after its first checkpoint; the same command
-    again continues from the saved epoch and ends with one unbroken history."""
+    again continues from the saved step and ends with one unbroken history. The run is counted in
+    steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at native
+    resolution, half of them centred near tumour; validation sees whole slices."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "brainseg_ray.cli", "train", "--data", synthetic_dataset, "--out", str(out),
-               "--epochs", "3", "val_fraction=0.34", "ray.num_cpus=2", "ray.include_dashboard=false",
-               *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet"]
+               "val_fraction=0.34", "ray.num_cpus=2", "ray.include_dashboard=false",
+               *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet",
+               "steps=6", "eval_every_steps=2", "schedule=cosine", "crop_size=64", "foreground_fraction=0.5",
+               "image_size=256"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -186,19 +190,29 @@ def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after epoch" in line]
+    resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after step" in line]
     assert resumed, second.stdout[-2000:]
     history = json.loads((out / "history.json").read_text())
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    # Epochs finished before the kill are kept as they were, not trained again.
+    assert [row["epoch"] for row in history] == [1, 2, 3] and [row["step"] for row in history] == [2, 4, 6]
+    # Steps finished before the kill are kept as they were, not trained again.
     assert history[0]["train_loss"] == done_before[0]["train_loss"]
     assert "resumed after epoch" in second.stdout
+    assert all(row["train_samples"] == 8 and row["train_foreground_crops"] <= 4 for row in history)
+    assert sum(row["train_foreground_crops"] for row in history) >= 8  # about half of the 24 crops
+    # The cosine schedule ran over the 6 steps of both processes: it ends at its floor.
+    assert history[-1]["lr"] == pytest.approx(TrainConfig().lr / 1000, rel=1e-3)
+    meta = load_artifact(str(out / "model")).metadata
+    assert meta["input"]["size"] == 256 and meta["training"]["config"]["crop_size"] == 64
 
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-net"], "unknown model"),
     (["batch_size=4096"], "fewer than batch_size"),
     (["augmentation=wild"], "augmentation must be one of"),
+    (["crop_size=64", "image_size=128"], "native resolution: image_size must stay 256"),
+    (["crop_size=300"], "crop_size must be a multiple of 32"),
+    (["schedule=linear"], "schedule must be one of one_cycle, cosine"),
+    (["--model", "unet-resnet18", "encoder_weights=imagenet"], "no ImageNet weights are installed"),
 ])
 def test_train_refuses_bad_settings_with_one_line(synthetic_dataset, tmp_path, capsys, args, message):
     from brainseg_ray.cli import main
@@ -246,7 +260,8 @@ def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run
 
     cleaned = evaluate(EvaluateConfig(out=str(tmp_path / "3d"), largest_component_3d=True, min_component_px=20,
                                       **common)).report["models"][0]
-    assert cleaned["postprocess"] == {"min_component_px": 20, "largest_component_3d": True, "tta": False}
+    assert cleaned["postprocess"] == {"min_component_px": 20, "min_component_peak": 0.0, "largest_component_3d": True,
+                                      "keep_3d_fraction": 1.0, "tta": False}
     segmenter = Segmenter(SegmenterConfig(model=result.model_uri, largest_component_3d=True, min_component_px=20))
     for patient in sorted(p for p, s in splits.items() if s == "val"):
         rows = read_slices_table(data, None, columns=["slice_index", "image", "mask"],

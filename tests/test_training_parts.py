@@ -20,7 +20,7 @@ from brainseg_ray.models.inputs import (
 from brainseg_ray.models.registry import ModelSpec, build_model
 from brainseg_ray.train.losses import build_loss
 from brainseg_ray.train.metrics import SegmentationMetrics
-from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, validate
+from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, build_schedule, validate
 
 ensure_torchvision_importable()
 CPU = torch.device("cpu")
@@ -123,6 +123,54 @@ def test_train_step_fits_one_batch_and_respects_the_schedule():
     fresh.load_state_dict(state)
     assert fresh.scheduler.last_epoch == scheduler.last_epoch
     assert fresh_opt.state_dict()["state"].keys() == optimizer.state_dict()["state"].keys()
+
+
+def _lrs(name: str, total: int, warmup_fraction=None, steps: int | None = None) -> list[float]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_schedule(optimizer, name, 1e-3, total, warmup_fraction)
+    lrs = []
+    for _ in range(steps or total):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+@pytest.mark.parametrize("name, warmup, peak_at", [("cosine", None, 50), ("cosine", 0.2, 200),
+                                                    ("one_cycle", None, 300), ("one_cycle", 0.1, 100)])
+def test_schedules_warm_up_to_the_peak_then_decay_over_the_steps(name, warmup, peak_at):
+    """Over 1000 steps: a rise from at most lr/25 to the peak lr at the warm-up's end (5 % for
+    cosine, 30 % for one-cycle unless told), then a fall to at most lr/1000 at the last step."""
+    lrs = _lrs(name, 1000, warmup)
+    assert lrs[0] <= 1e-3 / 25 * 1.01
+    assert int(np.argmax(lrs)) == pytest.approx(peak_at, abs=1) and max(lrs) == pytest.approx(1e-3, rel=1e-3)
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:peak_at], lrs[1:peak_at]))  # rising
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[peak_at + 1:], lrs[peak_at + 2:]))  # falling
+    assert lrs[-1] <= 1e-3 / 1000 * 1.01
+
+
+def test_cosine_halfway_through_the_decay_is_half_the_peak():
+    lrs = _lrs("cosine", 1002, 0.0)  # warm-up of one step, then 1000 steps of decay
+    assert lrs[501] == pytest.approx(0.5 * (1e-3 + 1e-6), rel=1e-3)
+
+
+def test_unknown_schedule_is_refused():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(ValueError, match="schedule must be one of one_cycle, cosine"):
+        build_schedule(optimizer, "step", 1e-3, 10)
+
+
+def test_train_step_with_cosine_steps_past_the_total_without_error():
+    torch.manual_seed(0)
+    model = build_model(ModelSpec("unet", base_filters=4))
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    step = TrainStep(model, build_loss("bce_dice"), optimizer, CPU, "fp32", 1.0,
+                     build_schedule(optimizer, "cosine", 1e-2, 5))
+    images, masks = _blob_batch()
+    x, y = images_to_tensor(images, DEFAULT_NORMALISATION, 32), masks_to_tensor(masks, 32)
+    for _ in range(8):
+        step(x, y)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5, rel=1e-3)
 
 
 class _Constant(torch.nn.Module):

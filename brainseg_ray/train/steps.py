@@ -3,6 +3,7 @@ benchmark's plain loop, so that all three do exactly the same arithmetic."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,9 +26,42 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def build_one_cycle(optimizer: torch.optim.Optimizer, lr: float, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+SCHEDULES = ("one_cycle", "cosine")
+DEFAULT_WARMUP = {"one_cycle": 0.3, "cosine": 0.05}
+
+
+def build_one_cycle(optimizer: torch.optim.Optimizer, lr: float, total_steps: int,
+                    warmup_fraction: float = 0.3) -> torch.optim.lr_scheduler.OneCycleLR:
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(total_steps, 2),
-                                               pct_start=0.3, div_factor=25.0, final_div_factor=1e4)
+                                               pct_start=warmup_fraction, div_factor=25.0, final_div_factor=1e4)
+
+
+def build_cosine(optimizer: torch.optim.Optimizer, lr: float, total_steps: int,
+                 warmup_fraction: float = 0.05) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from lr/25 to lr over the first warmup_fraction of the steps, then a cosine
+    down to lr/1000 at the last step (and there it stays)."""
+    total = max(total_steps, 2)
+    warmup = max(1, int(round(total * warmup_fraction)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 0.04 + 0.96 * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+        return 1e-3 + (1 - 1e-3) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, name: str, lr: float, total_steps: int,
+                   warmup_fraction: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule `name` (one of SCHEDULES) over `total_steps` optimizer steps."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {name!r}")
+    warm = DEFAULT_WARMUP[name] if warmup_fraction is None else warmup_fraction
+    builder = build_one_cycle if name == "one_cycle" else build_cosine
+    return builder(optimizer, lr, total_steps, warm)
 
 
 class TrainStep:
@@ -60,7 +94,8 @@ class TrainStep:
         else:
             self.optimizer.step()
         # One-cycle refuses steps past its total; a resumed or longer epoch must not crash on it.
-        if self.scheduler is not None and self.scheduler.last_epoch + 1 < self.scheduler.total_steps:
+        total = getattr(self.scheduler, "total_steps", None)
+        if self.scheduler is not None and (total is None or self.scheduler.last_epoch + 1 < total):
             self.scheduler.step()
         return float(loss.detach())
 

@@ -101,11 +101,39 @@ def choose_patients(cfg: TrainConfig, tumour_by_patient: dict[str, int]) -> tupl
     return sorted(train), sorted(val), how
 
 
+ENCODER_WEIGHT_CHOICES = ("default", "imagenet", "none")
+
+
+def model_spec(cfg: TrainConfig):
+    """The ModelSpec a run builds: the registry name and its settings, with the encoder weights
+    `default` resolved (installed ImageNet weights where they fit the encoder, else random)."""
+    from brainseg_ray.models.pretrained import imagenet_checkpoint_path
+    from brainseg_ray.models.registry import ModelSpec
+    from brainseg_ray.models.smp_models import default_encoder_weights, encoder_of
+
+    if cfg.encoder_weights not in ENCODER_WEIGHT_CHOICES:
+        raise TrainingError(f"encoder_weights must be one of {', '.join(ENCODER_WEIGHT_CHOICES)}, "
+                            f"got {cfg.encoder_weights!r}")
+    weights = {"default": default_encoder_weights(cfg.model), "imagenet": "imagenet", "none": None}[cfg.encoder_weights]
+    if cfg.encoder_weights_path and cfg.encoder_weights == "imagenet":
+        raise TrainingError("give encoder_weights=imagenet or encoder_weights_path, not both")
+    if cfg.encoder_weights_path and cfg.encoder_weights == "default":
+        weights = None  # a file the user named wins over the default
+    if weights == "imagenet":  # checked here, before any worker starts
+        try:
+            imagenet_checkpoint_path(encoder_of(cfg.model) or cfg.model)
+        except ValueError as exc:
+            raise TrainingError(f"encoder_weights=imagenet for model {cfg.model}: {exc}") from None
+    return ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
+                     encoder_weights_path=cfg.encoder_weights_path, encoder_weights=weights)
+
+
 def _check_config(cfg: TrainConfig) -> None:
     from brainseg_ray.data.augment import AUGMENTATIONS
     from brainseg_ray.devices import PRECISIONS
     from brainseg_ray.models.registry import resolve
     from brainseg_ray.train.losses import LOSSES
+    from brainseg_ray.train.steps import SCHEDULES
 
     if not cfg.data or not cfg.out:
         raise TrainingError("train needs data (an ingested dataset) and out (a run folder)")
@@ -119,6 +147,15 @@ def _check_config(cfg: TrainConfig) -> None:
         (cfg.num_workers >= 1, "num_workers must be >= 1"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
         (0.0 < cfg.threshold < 1.0, "threshold must lie between 0 and 1"),
+        (cfg.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+        (cfg.warmup_fraction is None or 0.0 <= cfg.warmup_fraction < 1.0, "warmup_fraction must lie in [0, 1)"),
+        (cfg.steps is None or cfg.steps >= 1, "steps must be >= 1 (or unset: train by epochs)"),
+        (cfg.eval_every_steps >= 1, "eval_every_steps must be >= 1"),
+        (cfg.crop_size is None or (cfg.crop_size >= 32 and cfg.crop_size % 32 == 0 and cfg.crop_size <= schema.IMAGE_SIZE),
+         f"crop_size must be a multiple of 32 up to the slice size {schema.IMAGE_SIZE}"),
+        (cfg.crop_size is None or cfg.image_size == schema.IMAGE_SIZE,
+         f"crop_size cuts crops at native resolution: image_size must stay {schema.IMAGE_SIZE}"),
+        (0.0 <= cfg.foreground_fraction <= 1.0, "foreground_fraction must lie in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,14 +222,12 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.models.inputs import normalisation_from_profile
-    from brainseg_ray.models.registry import ModelSpec
 
     _check_config(cfg)
     if not storage.is_s3(cfg.out):
         # Ray Train's workers run in a directory of their own: a relative run folder would land there.
         cfg = dataclasses.replace(cfg, out=os.path.abspath(cfg.out))
-    spec = ModelSpec(name=cfg.model, encoder_depth=cfg.encoder_depth, base_filters=cfg.base_filters,
-                     encoder_weights_path=cfg.encoder_weights_path)
+    spec = model_spec(cfg)
     init_state, init_record = _initial_weights(cfg, spec)  # before any data is read: fail fast
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-epoch lines say more
     manifest = read_manifest(cfg.data, cfg.s3)
@@ -217,6 +252,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                             f"{cfg.batch_size}; lower batch_size or num_workers")
     cpus = _cpus_per_worker(cfg)
     config = to_dict(cfg)
+    steps_per_epoch = per_worker // cfg.batch_size
+    total_steps = cfg.steps or steps_per_epoch * cfg.epochs
+    rounds = -(-cfg.steps // cfg.eval_every_steps) if cfg.steps else cfg.epochs
     plan = {
         "init_state": init_state,
         "config": config,
@@ -224,7 +262,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         "normalisation": normalisation_from_profile(manifest.get("profile")),
         "data_fingerprint": manifest.get("fingerprint"),
         "val_patients": val_patients,
-        "steps_per_epoch": per_worker // cfg.batch_size,
+        "total_steps": total_steps,
+        "rounds": rounds,  # validation + checkpoint rounds: epochs, or eval_every_steps each
+        # smp encoders cut below depth 5 keep unused layers, which DDP must be told about.
+        "find_unused_parameters": spec.name != "unet" and spec.encoder_depth < 5,
         "threads": max(1, int(cpus)),
         "out": cfg.out,
         "training_record": {
@@ -235,8 +276,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             **({"init_from": init_record} if init_record else {}),
         },
     }
+    budget = f"{total_steps} steps" + (f" of {cfg.crop_size}px crops" if cfg.crop_size else "")
     print(f"train: {cfg.model} on {len(train_patients)} patients ({n_train} slices), validating on "
-          f"{len(val_patients)} ({n_val} slices); {cfg.num_workers} worker(s) x {cpus:g} CPU"
+          f"{len(val_patients)} ({n_val} slices); {budget}; {cfg.num_workers} worker(s) x {cpus:g} CPU"
           f"{' + GPU' if cfg.use_gpu else ''}", flush=True)
 
     trainer = TorchTrainer(
