@@ -101,6 +101,18 @@ def _cmd_segment(args) -> int:
     return 0
 
 
+def _cmd_score(args) -> int:
+    from brainseg_ray.evaluate.score_masks import score_masks, write_score
+    from brainseg_ray.storage import S3Options
+
+    s3 = S3Options(endpoint_url=args.s3_endpoint) if args.s3_endpoint else None
+    score = score_masks(args.output, args.truth, s3)
+    if args.out:
+        write_score(score, args.out, s3)
+    print(score.summary_line())
+    return 0
+
+
 def _cmd_serve(args) -> int:
     import dataclasses
     import os
@@ -158,8 +170,8 @@ def _cmd_models(args) -> int:
 def _cmd_export(args) -> int:
     from brainseg_ray.models.artifact import export_artifact
 
-    postprocess = {k: v for k, v in (("min_component_px", args.min_component_px),
-                                     ("largest_component_3d", args.largest_component_3d)) if v is not None}
+    postprocess = {k: getattr(args, k) for k in ("min_component_px", "min_component_peak", "largest_component_3d",
+                                                 "keep_3d_fraction", "tta") if getattr(args, k) is not None}
     version = export_artifact(args.model, args.out, half=args.half, threshold=args.threshold,
                               postprocess=postprocess, card=args.card)
     print(f"export: {args.model} -> {args.out} ({version}{', float16' if args.half else ''})")
@@ -255,6 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_segment)
 
+    p = sub.add_parser("score", help="score a finished bulk segmentation's mask files against reference masks")
+    p.add_argument("output", help="the segment job's output (folder or s3:// prefix)")
+    p.add_argument("--truth", required=True, help="the reference masks: any source `brainseg ingest` reads")
+    p.add_argument("--out", help="write the figures, per patient too, to this JSON file")
+    p.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
+    p.set_defaults(func=_cmd_score)
+
     p = sub.add_parser("serve", help="HTTP endpoint (Ray Serve): POST /v1/segment, a web page at /")
     p.add_argument("--model", help="model artifact (folder or s3:// URI); default: reference, the shipped model")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -275,6 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: drop 2-D components smaller than this")
     p.add_argument("--largest-component-3d", dest="largest_component_3d", action=argparse.BooleanOptionalAction,
                    help="default: keep each patient's largest 3-D component only (batch jobs)")
+    p.add_argument("--min-component-peak", dest="min_component_peak", type=float,
+                   help="default: drop 2-D components whose highest probability is below this")
+    p.add_argument("--keep-3d-fraction", dest="keep_3d_fraction", type=float,
+                   help="default: with --largest-component-3d, keep 3-D components of at least this share of the largest")
+    p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction,
+                   help="default: average the predictions of each slice and its flips")
     p.add_argument("--card", help="a Markdown model card to store beside it as MODEL_CARD.md")
     p.set_defaults(func=_cmd_export)
 
@@ -291,7 +316,9 @@ def _job_errors() -> tuple[type[Exception], ...]:
     from brainseg_ray.models.artifact import ArtifactError
     from brainseg_ray.train.trainer import TrainingError
 
-    return (ArtifactError, TrainingError, SegmentJobError)
+    from brainseg_ray.evaluate.score_masks import ScoreError
+
+    return (ArtifactError, TrainingError, SegmentJobError, ScoreError)
 
 
 def main(argv: list[str] | None = None) -> int:

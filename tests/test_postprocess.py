@@ -24,6 +24,7 @@ from brainseg_ray.inference.postprocess import (
     overlay,
     patient_volume_mm3,
     postprocess,
+    remove_faint_components,
     remove_small_components,
 )
 
@@ -237,10 +238,58 @@ def test_postprocess_3d_needs_ids(ids, indices, match):
     {"min_component_px": 2.5},
     {"pixel_spacing_mm": 0.0},
     {"slice_thickness_mm": -1.0},
+    {"min_component_peak": 1.5},
+    {"keep_3d_fraction": 0.0},
+    {"keep_3d_fraction": 1.2},
 ])
 def test_options_validation(kwargs):
     with pytest.raises(ValueError):
         PostprocessOptions(**kwargs)
+
+
+# (name, probabilities of one slice, min_peak, expected mask at threshold 0.5)
+FAINT_CASES = [
+    ("both kept at 0", [[0.6, 0, 0, 0.9]], 0.0, "1001"),
+    ("faint speck dropped", [[0.6, 0, 0, 0.9]], 0.8, "0001"),
+    ("peak equal to the limit is kept", [[0.6, 0, 0, 0.8]], 0.8, "0001"),
+    ("a faint pixel joined to a sure one survives", [[0.6, 0.95, 0, 0.7]], 0.9, "1100"),
+    ("nothing sure: empty", [[0.6, 0, 0, 0.7]], 0.9, "0000"),
+    ("diagonal neighbours are one component", [[0.6, 0], [0, 0.99]], 0.9, "10/01"),
+]
+
+
+@pytest.mark.parametrize("probs, min_peak, expected", [c[1:] for c in FAINT_CASES], ids=[c[0] for c in FAINT_CASES])
+def test_remove_faint_components(probs, min_peak, expected):
+    probs = np.array(probs, np.float32)
+    out = remove_faint_components(binarize(probs, 0.5), probs, min_peak)
+    assert_mask(out, m(expected))
+    # The same through postprocess, which Serve runs on one slice.
+    assert_mask(postprocess(probs, PostprocessOptions(min_component_peak=min_peak)), m(expected))
+
+
+def test_remove_faint_components_is_per_slice_and_checks_shapes():
+    probs = np.array([[[0.6, 0.0]], [[0.0, 0.95]]], np.float32)  # one weak, one sure slice
+    assert_mask(remove_faint_components(binarize(probs, 0.5), probs, 0.9), vol("00", "01"))
+    with pytest.raises(ValueError, match="differ in shape"):
+        remove_faint_components(np.zeros((2, 2), np.uint8), np.zeros((3, 3), np.float32), 0.5)
+
+
+# (name, volume, fraction, expected): sizes 4 (slices 0-1), 2 and 1
+FRACTION_CASES = [
+    ("largest only", 1.0, vol("1100/0000/0001", "1100/0000/0001"), vol("1100/0000/0000", "1100/0000/0000")),
+    ("half keeps the size-4 and size-2 ones", 0.5, vol("1100/0000/0001", "1100/0000/0001"),
+     vol("1100/0000/0001", "1100/0000/0001")),
+    ("0.6 keeps the largest only", 0.6, vol("1100/0000/0001", "1100/0000/0001"), vol("1100/0000/0000", "1100/0000/0000")),
+    ("a tiny fraction keeps all", 0.01, vol("1100/0000/0001", "1100/0000/0000"), vol("1100/0000/0001", "1100/0000/0000")),
+]
+
+
+@pytest.mark.parametrize("fraction, volume, expected", [c[1:] for c in FRACTION_CASES], ids=[c[0] for c in FRACTION_CASES])
+def test_keep_3d_fraction(fraction, volume, expected):
+    assert_mask(keep_largest_component_3d(volume, fraction), expected)
+    options = PostprocessOptions(largest_component_3d=True, keep_3d_fraction=fraction)
+    out = postprocess(volume.astype(np.float32), options, ["p"] * len(volume), list(range(len(volume))))
+    assert_mask(out, expected)
 
 
 def test_options_are_frozen():

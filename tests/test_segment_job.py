@@ -282,3 +282,43 @@ def test_real_slices_give_one_row_each_and_a_mask_layout(ray_local, shared_subse
     patients = pq.read_table(out / "patients.parquet").to_pylist()
     assert {p["patient_id"]: p["slices"] for p in patients} == {
         d.name: len([i for i in images if i.parent == d]) for d in {i.parent for i in images}}
+
+
+def test_score_reads_the_jobs_mask_files(synthetic_root, full_run, tmp_path, capsys):
+    """`brainseg score` compares the mask files a job wrote with the reference masks: the
+    reference masks copied over the job's files score a Dice of 1, and emptying one patient's
+    files drops exactly that patient to 0."""
+    import tifffile
+
+    from brainseg_ray.cli import main
+
+    out = tmp_path / "out"
+    shutil.copytree(full_run[0], out)
+    rows = pq.read_table(out / "results.parquet").to_pylist()
+    truth = {p.name.replace("_mask", ""): p for p in synthetic_root.rglob("*_mask.tif")}
+    for row in rows:
+        mask_file = out / "masks" / row["patient_id"] / f"{row['patient_id']}_{row['slice_index']}_mask.tif"
+        assert mask_file.is_file() and row["mask_uri"].endswith(mask_file.name)
+        shutil.copyfile(truth[f"{row['patient_id']}_{row['slice_index']}.tif"], mask_file)
+    assert main(["score", str(out), "--truth", str(synthetic_root), "--out", str(tmp_path / "perfect.json")]) == 0
+    perfect = json.loads((tmp_path / "perfect.json").read_text())
+    assert perfect["scored"] == len(rows) and perfect["unmatched"] == [] == perfect["missing"]
+    assert set(perfect["metrics"]["patient_dice"].values()) == {1.0}
+    assert perfect["metrics"]["detection"]["sensitivity"] == 1.0 == perfect["metrics"]["detection"]["specificity"]
+    assert "mean patient Dice 1.0000" in capsys.readouterr().out
+
+    tumour = next(pid for pid in sorted(perfect["metrics"]["patient_dice"])
+                  if any(tifffile.imread(truth[f"{r['patient_id']}_{r['slice_index']}.tif"]).any()
+                         for r in rows if r["patient_id"] == pid))
+    for mask_file in (out / "masks" / tumour).glob("*_mask.tif"):
+        tifffile.imwrite(mask_file, np.zeros((256, 256), np.uint8))
+    assert main(["score", str(out), "--truth", str(synthetic_root), "--out", str(tmp_path / "emptied.json")]) == 0
+    emptied = json.loads((tmp_path / "emptied.json").read_text())["metrics"]["patient_dice"]
+    assert emptied[tumour] == 0.0 and all(v == 1.0 for p, v in emptied.items() if p != tumour)
+
+
+def test_score_refuses_an_unfinished_output(tmp_path, synthetic_root, capsys):
+    from brainseg_ray.cli import main
+
+    assert main(["score", str(tmp_path), "--truth", str(synthetic_root)]) == 2
+    assert "not a finished bulk segmentation" in capsys.readouterr().err

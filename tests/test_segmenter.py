@@ -108,3 +108,26 @@ def test_post_processing_comes_from_the_artifact_unless_given(artifact_uri, slic
     assert (told.threshold, told.min_component_px, told.largest_component_3d) == (0.6, 0, False)
     plain = Segmenter(SegmenterConfig(model=artifact_uri)).options  # an artifact that chose nothing
     assert (plain.min_component_px, plain.largest_component_3d) == (0, False)
+
+
+def test_the_models_chosen_post_processing_applies_unless_overridden(artifact_uri, slices, tmp_path):
+    """`brainseg export` records the post-processing chosen on validation (TTA included); a
+    Segmenter applies it by default, and its own settings win over it."""
+    from brainseg_ray.cli import main
+
+    chosen = str(tmp_path / "chosen")
+    assert main(["export", artifact_uri, "--out", chosen, "--tta", "--min-component-peak", "0.9",
+                 "--largest-component-3d", "--keep-3d-fraction", "0.25"]) == 0
+    default = Segmenter(SegmenterConfig(model=chosen))
+    assert default.tta is True
+    assert default.postprocess_settings() == {"min_component_px": 0, "min_component_peak": 0.9,
+                                              "largest_component_3d": True, "keep_3d_fraction": 0.25, "tta": True}
+    plain = Segmenter(SegmenterConfig(model=artifact_uri))
+    flipped = np.ascontiguousarray(slices[:, :, ::-1])
+    expected = (plain.probabilities(slices) + plain.probabilities(flipped)[:, :, ::-1]
+                + plain.probabilities(np.ascontiguousarray(slices[:, ::-1]))[:, ::-1]) / 3
+    np.testing.assert_allclose(default.probabilities(slices), expected, atol=1e-5)
+    overridden = Segmenter(SegmenterConfig(model=chosen, tta=False, min_component_peak=0.0,
+                                           largest_component_3d=False))
+    assert overridden.postprocess_settings()["tta"] is False
+    np.testing.assert_array_equal(overridden.probabilities(slices), plain.probabilities(slices))

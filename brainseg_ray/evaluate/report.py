@@ -663,8 +663,12 @@ def _postprocess_text(options: Mapping) -> str:
     steps = []
     if options.get("min_component_px"):
         steps.append(f"2-D components under {options['min_component_px']} px dropped")
+    if options.get("min_component_peak"):
+        steps.append(f"2-D components peaking under {options['min_component_peak']:g} dropped")
     if options.get("largest_component_3d"):
-        steps.append("largest 3-D component per patient kept")
+        fraction = options.get("keep_3d_fraction", 1.0)
+        steps.append("largest 3-D component per patient kept" if fraction >= 1.0 else
+                     f"3-D components of at least {fraction:g} of the largest kept")
     if options.get("tta"):
         steps.append("flip test-time augmentation")
     return "; ".join(steps) if steps else "none"

@@ -146,7 +146,9 @@ def evaluate(cfg: EvaluateConfig):
     for uri, artifact, name in zip(cfg.models, artifacts, names):
         started = time.perf_counter()
         segmenter = SegmenterConfig(model=uri, threshold=cfg.threshold, min_component_px=cfg.min_component_px,
-                                    largest_component_3d=cfg.largest_component_3d, tta=cfg.tta,
+                                    min_component_peak=cfg.min_component_peak,
+                                    largest_component_3d=cfg.largest_component_3d,
+                                    keep_3d_fraction=cfg.keep_3d_fraction, tta=cfg.tta,
                                     precision=cfg.precision, use_gpu=cfg.use_gpu or None, threads=max(1, int(cpus)))
         scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds),
                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -171,8 +173,7 @@ def evaluate(cfg: EvaluateConfig):
             metrics=summary, patients=_patient_rows(ids, table, cols, summary),
             worst=_worst_slices(cfg, table, driver_segmenter), seconds=round(seconds, 3),
             sweep=_sweep_rows(cfg.thresholds, ids, table),
-            postprocess={"min_component_px": options.min_component_px,
-                         "largest_component_3d": options.largest_component_3d, "tta": cfg.tta},
+            postprocess=driver_segmenter.postprocess_settings(),
             extra={"data_fingerprint": artifact.metadata.get("data_fingerprint"),
                    "slices_per_s": round(len(ids) / seconds, 2) if seconds > 0 else None,
                    "precision": predictor.precision, "device": predictor.device.type},

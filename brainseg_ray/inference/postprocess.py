@@ -35,6 +35,7 @@ __all__ = [
     "encode_png",
     "findings",
     "keep_largest_component_3d",
+    "remove_faint_components",
     "mask_png",
     "overlay",
     "patient_volume_mm3",
@@ -59,19 +60,27 @@ class PostprocessOptions:
         threshold: a pixel is tumour when its probability is strictly greater than this.
         min_component_px: drop 2-D connected components (8-connectivity) with fewer pixels than
             this; components of exactly this size are kept. 0 or 1 disables the step.
+        min_component_peak: drop 2-D connected components whose highest probability is below
+            this (faint, uncertain specks); a component reaching exactly this is kept. 0 disables
+            it. Works on one slice alone, so Serve applies it too.
         largest_component_3d: per patient, keep only the largest 3-D connected component
             (26-connectivity) of the patient's slices stacked in slice_index order.
+        keep_3d_fraction: with largest_component_3d, keep every 3-D component of at least this
+            fraction of the largest one's voxels (multifocal lesions); 1.0 keeps the largest only.
         pixel_spacing_mm: in-plane pixel size (both axes), for areas and volumes.
         slice_thickness_mm: slice thickness, for volumes.
 
     Raises:
-        ValueError: threshold not finite, min_component_px negative or not an integer, or a
+        ValueError: threshold not finite, min_component_px negative or not an integer,
+            min_component_peak outside [0, 1], keep_3d_fraction outside (0, 1], or a
             spacing/thickness that is not a positive finite number.
     """
 
     threshold: float = 0.5
     min_component_px: int = 0
+    min_component_peak: float = 0.0
     largest_component_3d: bool = False
+    keep_3d_fraction: float = 1.0
     pixel_spacing_mm: float = 1.0
     slice_thickness_mm: float = 1.0
 
@@ -81,6 +90,10 @@ class PostprocessOptions:
         if isinstance(self.min_component_px, bool) or not isinstance(self.min_component_px, (int, np.integer)) \
                 or self.min_component_px < 0:
             raise ValueError(f"min_component_px must be a non-negative integer, got {self.min_component_px!r}")
+        if not 0.0 <= self.min_component_peak <= 1.0:
+            raise ValueError(f"min_component_peak must lie in [0, 1], got {self.min_component_peak!r}")
+        if not 0.0 < self.keep_3d_fraction <= 1.0:
+            raise ValueError(f"keep_3d_fraction must lie in (0, 1], got {self.keep_3d_fraction!r}")
         _check_positive("pixel_spacing_mm", self.pixel_spacing_mm)
         _check_positive("slice_thickness_mm", self.slice_thickness_mm)
 
@@ -165,17 +178,48 @@ def remove_small_components(masks: np.ndarray, min_px: int) -> np.ndarray:
     return out[0] if array.ndim == 2 else out
 
 
-def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
+def remove_faint_components(masks: np.ndarray, probabilities: np.ndarray, min_peak: float) -> np.ndarray:
+    """Drop 2-D connected components (8-connectivity, slice by slice) whose highest probability is
+    below ``min_peak``; a component whose peak equals it is kept.
+
+    Args:
+        masks: {0,1} [N,H,W] or [H,W]; probabilities: float, the same shape.
+        min_peak: 0 disables the step.
+
+    Returns:
+        ``masks`` itself when ``min_peak <= 0``; otherwise a new uint8 {0,1} array.
+    """
+    array = np.asarray(masks)
+    _check_ndim(array, (2, 3), "masks", "[N,H,W] or [H,W]")
+    binary = _as_bool_mask(array, "masks")
+    if min_peak <= 0:
+        return masks
+    probabilities = np.asarray(probabilities)
+    if probabilities.shape != array.shape:
+        raise ValueError(f"probabilities {probabilities.shape} and masks {array.shape} differ in shape")
+    stack = binary[None] if binary.ndim == 2 else binary
+    labels, count = ndimage.label(stack, structure=_PER_SLICE_8)
+    if count == 0:
+        return np.zeros(array.shape, np.uint8)
+    peaks = ndimage.maximum(probabilities.reshape(stack.shape), labels, index=np.arange(1, count + 1))
+    keep = np.concatenate([[False], np.asarray(peaks) >= min_peak])
+    out = keep.astype(np.uint8)[labels]
+    return out[0] if array.ndim == 2 else out
+
+
+def keep_largest_component_3d(volume: np.ndarray, fraction: float = 1.0) -> np.ndarray:
     """Keep only the largest 26-connected component of a stacked [S,H,W] volume.
 
     Slices are taken as adjacent in the given order (order them by slice index first). Pixels
     touching across slices, diagonally included, belong to one component.
 
     Ties between equally large components go to the one containing the lowest flat (C-order)
-    index, i.e. the component met first scanning slice by slice, row by row.
+    index, i.e. the component met first scanning slice by slice, row by row. With ``fraction``
+    below 1, every component of at least ``fraction`` times the largest's voxels is kept too.
 
     Args:
         volume: {0,1} [S,H,W] (bool or numeric).
+        fraction: in (0, 1]; 1.0 keeps the largest only.
 
     Returns:
         A new uint8 {0,1} array of the same shape; an empty volume (no tumour pixel, or S == 0)
@@ -194,6 +238,10 @@ def keep_largest_component_3d(volume: np.ndarray) -> np.ndarray:
         return binary.astype(np.uint8)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     sizes[0] = 0
+    if fraction < 1.0:
+        keep = sizes >= fraction * sizes.max()
+        keep[0] = False
+        return keep.astype(np.uint8)[labels]
     winners = np.flatnonzero(sizes == sizes.max())
     if winners.size == 1:
         winner = int(winners[0])
@@ -210,10 +258,10 @@ def postprocess(probabilities: np.ndarray, options: PostprocessOptions | None = 
     """Probabilities -> final uint8 {0,1} masks, in the input order.
 
     Steps: ``binarize`` at ``options.threshold``; ``remove_small_components`` with
-    ``options.min_component_px``; then, if ``options.largest_component_3d``, the slices are
+    ``options.min_component_px``; ``remove_faint_components`` with ``options.min_component_peak``; then, if ``options.largest_component_3d``, the slices are
     grouped by patient id, each group is stacked in ascending slice_index order (the stack is
     contiguous: gaps between indices are not filled, so pass whole patients) and
-    ``keep_largest_component_3d`` runs on each patient independently. The 3-D step only sees
+    ``keep_largest_component_3d`` (with ``options.keep_3d_fraction``) runs on each patient independently. The 3-D step only sees
     the slices of this call: a patient split across calls is processed per part.
 
     Args:
@@ -231,6 +279,7 @@ def postprocess(probabilities: np.ndarray, options: PostprocessOptions | None = 
     _check_ndim(probabilities, (2, 3), "probabilities", "[N,H,W] or [H,W]")
     masks = binarize(probabilities, options.threshold)
     masks = remove_small_components(masks, options.min_component_px)
+    masks = remove_faint_components(masks, probabilities, options.min_component_peak)
     if not options.largest_component_3d:
         return masks
     missing = [name for name, value in (("patient_ids", patient_ids), ("slice_indices", slice_indices))
@@ -253,7 +302,7 @@ def postprocess(probabilities: np.ndarray, options: PostprocessOptions | None = 
         sorted_indices = [order[p] for p in positions]
         if len(set(sorted_indices)) != len(sorted_indices):
             raise ValueError(f"patient {pid!r} has a slice_index given more than once: {sorted_indices}")
-        out[positions] = keep_largest_component_3d(stack[positions])
+        out[positions] = keep_largest_component_3d(stack[positions], options.keep_3d_fraction)
     return out[0] if single else out
 
 

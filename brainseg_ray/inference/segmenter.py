@@ -45,13 +45,25 @@ class Segmenter:
                                    batch_size=cfg.batch_size, threads=cfg.threads)
         threshold = self.predictor.threshold if cfg.threshold is None else cfg.threshold
         chosen = self.predictor.metadata.get("postprocess") or {}  # what the model's validation chose
-        min_px = chosen.get("min_component_px", 0) if cfg.min_component_px is None else cfg.min_component_px
-        largest_3d = chosen.get("largest_component_3d", False) if cfg.largest_component_3d is None \
-            else cfg.largest_component_3d
-        self.options = PostprocessOptions(threshold=threshold, min_component_px=int(min_px),
-                                          largest_component_3d=bool(largest_3d),
+
+        def setting(name: str, off):  # this config's value, else the model's choice, else off
+            value = getattr(cfg, name)
+            return chosen.get(name, off) if value is None else value
+
+        self.tta = bool(setting("tta", False))
+        self.options = PostprocessOptions(threshold=threshold, min_component_px=int(setting("min_component_px", 0)),
+                                          min_component_peak=float(setting("min_component_peak", 0.0)),
+                                          largest_component_3d=bool(setting("largest_component_3d", False)),
+                                          keep_3d_fraction=float(setting("keep_3d_fraction", 1.0)),
                                           pixel_spacing_mm=cfg.pixel_spacing_mm,
                                           slice_thickness_mm=cfg.slice_thickness_mm)
+
+    def postprocess_settings(self) -> dict:
+        """The post-processing in force, as model.json's "postprocess" records it."""
+        o = self.options
+        return {"min_component_px": o.min_component_px, "min_component_peak": o.min_component_peak,
+                "largest_component_3d": o.largest_component_3d, "keep_3d_fraction": o.keep_3d_fraction,
+                "tta": self.tta}
 
     @property
     def version(self) -> str:
@@ -65,7 +77,7 @@ class Segmenter:
         """uint8 [N,H,W,3] -> float32 [N,H,W]; with tta, the mean over the slice and its
         horizontal and vertical flips (each flipped back)."""
         probs = self.predictor.probabilities(images)
-        if not self.cfg.tta or len(images) == 0:
+        if not self.tta or len(images) == 0:
             return probs
         total = probs.astype(np.float64)
         for axis in (2, 1):  # width, then height of [N,H,W,3]

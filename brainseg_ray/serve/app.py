@@ -69,7 +69,7 @@ class SegmenterDeployment:
             "model_version": self.segmenter.version,
             "artifact": {"uri": seg.model, **self.segmenter.metadata},
             "serving": {
-                "threshold": opts.threshold, "min_component_px": opts.min_component_px, "tta": seg.tta,
+                "threshold": opts.threshold, **self.segmenter.postprocess_settings(),
                 "pixel_spacing_mm": opts.pixel_spacing_mm, "overlay_style": seg.overlay_style,
                 "precision": self.segmenter.predictor.precision, "device": str(self.segmenter.predictor.device),
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
