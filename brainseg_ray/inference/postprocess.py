@@ -27,6 +27,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from brainseg_ray.masks import as_mask
+
 __all__ = [
     "OVERLAY_STYLES",
     "Findings",
@@ -108,23 +110,6 @@ def _check_ndim(array: np.ndarray, ndims: tuple[int, ...], name: str, layout: st
         raise ValueError(f"{name} must be {layout}, got shape {array.shape}")
 
 
-def _as_bool_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
-    """A bool view/copy of a {0,1} mask; ValueError for any other value."""
-    mask = np.asarray(mask)
-    if mask.dtype == bool:
-        return mask
-    if mask.size:
-        if mask.dtype == np.uint8:
-            bad = int(mask.max()) > 1
-        else:
-            bad = not bool(((mask == 0) | (mask == 1)).all())
-        if bad:
-            raise ValueError(f"{name} must hold only 0 and 1 (threshold probabilities first; "
-                             f"0/255 masks must be divided by 255), got values in "
-                             f"[{mask.min()}, {mask.max()}]")
-    return mask != 0
-
-
 # --------------------------------------------------------------------------------------- masks
 
 
@@ -165,7 +150,7 @@ def remove_small_components(masks: np.ndarray, min_px: int) -> np.ndarray:
     """
     array = np.asarray(masks)
     _check_ndim(array, (2, 3), "masks", "[N,H,W] or [H,W]")
-    binary = _as_bool_mask(array, "masks")
+    binary = as_mask(array, "masks")
     if min_px <= 1:
         return masks
     stack = binary[None] if binary.ndim == 2 else binary
@@ -191,7 +176,7 @@ def remove_faint_components(masks: np.ndarray, probabilities: np.ndarray, min_pe
     """
     array = np.asarray(masks)
     _check_ndim(array, (2, 3), "masks", "[N,H,W] or [H,W]")
-    binary = _as_bool_mask(array, "masks")
+    binary = as_mask(array, "masks")
     if min_peak <= 0:
         return masks
     probabilities = np.asarray(probabilities)
@@ -230,7 +215,7 @@ def keep_largest_component_3d(volume: np.ndarray, fraction: float = 1.0) -> np.n
     """
     volume = np.asarray(volume)
     _check_ndim(volume, (3,), "volume", "[S,H,W]")
-    binary = _as_bool_mask(volume, "volume")
+    binary = as_mask(volume, "volume")
     if binary.size == 0:
         return np.zeros(volume.shape, np.uint8)
     labels, count = ndimage.label(binary, structure=_FULL_26)
@@ -361,7 +346,7 @@ def findings(masks: np.ndarray, probabilities: np.ndarray, pixel_spacing_mm: flo
         raise ValueError(f"masks {masks.shape} and probabilities {probabilities.shape} differ in shape")
     _check_ndim(masks, (2, 3), "masks", "[N,H,W] or [H,W]")
     _check_positive("pixel_spacing_mm", pixel_spacing_mm)
-    binary = _as_bool_mask(masks, "masks")
+    binary = as_mask(masks, "masks")
     if binary.ndim == 2:
         binary, probabilities = binary[None], probabilities[None]
     n, h, w = binary.shape
@@ -489,7 +474,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, style: str = "outline",
     mask = np.asarray(mask)
     if mask.shape != image.shape[:2]:
         raise ValueError(f"mask must be [H,W] = {image.shape[:2]}, got {mask.shape}")
-    binary = _as_bool_mask(mask, "mask")
+    binary = as_mask(mask, "mask")
     rgb = tuple(int(c) for c in color)
     if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
         raise ValueError(f"color must be three integers in 0..255, got {color!r}")
@@ -528,4 +513,4 @@ def mask_png(mask: np.ndarray) -> bytes:
     """
     mask = np.asarray(mask)
     _check_ndim(mask, (2,), "mask", "[H,W]")
-    return encode_png(_as_bool_mask(mask, "mask").astype(np.uint8) * np.uint8(255))
+    return encode_png(as_mask(mask, "mask").astype(np.uint8) * np.uint8(255))

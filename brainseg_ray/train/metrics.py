@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from brainseg_ray.masks import as_mask
+
 __all__ = [
     "DetectionCounts",
     "PixelCounts",
@@ -47,22 +49,6 @@ __all__ = [
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def as_mask(a: Any, name: str = "mask") -> np.ndarray:
-    """`a` as a bool array. Accepts bool, or numbers that are all 0 or 1; else ValueError."""
-    arr = np.asarray(a)
-    if arr.dtype == bool:
-        return arr
-    if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be a bool or 0/1 numeric array, got dtype {arr.dtype}")
-    if arr.size and not ((arr == 0) | (arr == 1)).all():
-        bad = arr[(arr != 0) & (arr != 1)].flat[0]
-        raise ValueError(
-            f"{name} must hold only 0 and 1 (found {bad!r}); threshold probabilities and map "
-            "255 to 1 before measuring"
-        )
-    return arr != 0
 
 
 def _pair(pred: Any, truth: Any) -> tuple[np.ndarray, np.ndarray]:
