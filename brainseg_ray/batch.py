@@ -169,7 +169,7 @@ class TaskRunner:
 
     def run(self, task: SegmentTask) -> None:
         from brainseg_ray.data.decode import SliceError, read_pixels, to_image
-        from brainseg_ray.inference.postprocess import encode_png
+        from brainseg_ray.rendering import encode_png
 
         cfg, version = self.cfg, self.segmenter.version
         contents = dict(self.sources[task.source].read([r.image_path for r in task.records]))

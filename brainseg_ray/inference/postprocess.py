@@ -1,6 +1,7 @@
-"""Pure post-processing of predicted probability maps: masks, findings, overlays and PNGs.
+"""Pure post-processing of predicted probability maps: masks and findings (drawing them is
+brainseg_ray/rendering.py's job).
 
-Everything here is numpy/scipy/Pillow only (no torch, no Ray), deterministic, and free of side
+Everything here is numpy/scipy only (no torch, no Ray), deterministic, and free of side
 effects: inputs are never modified in place. The Segmenter combines these functions with a
 Predictor, for the bulk Ray Data job and for the Serve endpoint alike.
 
@@ -10,42 +11,33 @@ Conventions shared by every function:
   uint8 {0,1} of the same shape. Mask inputs may also be bool or any integer/float dtype holding
   only 0 and 1; anything else (0/255 masks, probabilities) is rejected with ValueError, because
   binarising it silently would hide a missing threshold step.
-* Images are uint8 [H,W,3] with channels (pre-contrast, FLAIR, post-contrast); FLAIR is channel 1.
 * Bounding boxes are (x0, y0, x1, y1) in pixel indices with x = column and y = row; x0/y0 are
   inclusive and x1/y1 EXCLUSIVE, like Python slices: ``mask[y0:y1, x0:x1]`` is the box.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from brainseg_ray.masks import as_mask
 
 __all__ = [
-    "OVERLAY_STYLES",
     "Findings",
     "PostprocessOptions",
     "binarize",
-    "encode_png",
     "findings",
     "keep_largest_component_3d",
     "remove_faint_components",
-    "mask_png",
-    "overlay",
     "patient_volume_mm3",
     "postprocess",
     "remove_small_components",
 ]
-
-OVERLAY_STYLES = ("outline", "tint")
 
 # 8-connectivity inside each slice and no connection across slices: one ndimage.label call labels
 # the 2-D components of every slice of a [N,H,W] stack at once.
@@ -392,125 +384,3 @@ def patient_volume_mm3(areas_px: Sequence[int], pixel_spacing_mm: float, slice_t
     if any(a < 0 for a in areas):
         raise ValueError(f"areas_px must be non-negative, got {areas}")
     return float(sum(areas)) * float(pixel_spacing_mm) ** 2 * float(slice_thickness_mm)
-
-
-# ------------------------------------------------------------------------------------ overlays
-
-
-def _percentiles_u8(values: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """``np.percentile(values, qs)`` (linear method) for uint8 data, through a histogram.
-
-    A 256-bin histogram and its cumulative sum give the k-th smallest value in O(n) without a
-    sort; interpolation follows numpy's default exactly.
-    """
-    flat = values.ravel()
-    cumulative = np.cumsum(np.bincount(flat, minlength=256))
-    n = flat.size
-    out = []
-    for q in qs:
-        position = q / 100.0 * (n - 1)
-        k = int(math.floor(position))
-        frac = position - k
-        below = int(np.searchsorted(cumulative, k, side="right"))  # k-th smallest value (0-based)
-        above = int(np.searchsorted(cumulative, min(k + 1, n - 1), side="right"))
-        out.append(below + frac * (above - below))
-    return out
-
-
-def _stretch_flair(image: np.ndarray) -> np.ndarray:
-    """FLAIR channel contrast-stretched to 0..255 between its 1st and 99th percentiles.
-
-    When those percentiles coincide (e.g. a mostly-constant slice) the min/max range is used;
-    when the slice is constant, its grey values are returned unchanged (no division by zero).
-    """
-    grey = image[..., 1]
-    if grey.size == 0:
-        return grey.copy()
-    lo, hi = _percentiles_u8(grey, (1.0, 99.0))
-    if hi <= lo:
-        lo, hi = float(grey.min()), float(grey.max())
-        if hi <= lo:
-            return grey.copy()
-    lut = np.clip((np.arange(256, dtype=np.float64) - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
-    return np.rint(lut).astype(np.uint8)[grey]
-
-
-def _inner_boundary(mask: np.ndarray) -> np.ndarray:
-    """Mask pixels with a 4-neighbour outside the mask (the image border counts as outside)."""
-    padded = np.pad(mask, 1)
-    interior = (mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:])
-    return mask & ~interior
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, style: str = "outline",
-            color: Sequence[int] = (255, 0, 0), alpha: float = 0.4) -> np.ndarray:
-    """Draw a mask on the slice's FLAIR channel.
-
-    The background is the FLAIR channel (1) as grey, contrast-stretched per slice so its 1st and
-    99th percentiles map to 0 and 255 (clipped outside). If the percentiles coincide the
-    min/max range is used; a constant slice keeps its grey value unchanged.
-
-    Args:
-        image: uint8 [H,W,3].
-        mask: {0,1} [H,W] (bool or numeric).
-        style: "outline": the mask's inner boundary (mask pixels with a 4-neighbour outside the
-            mask or outside the image; a 1-px line) is painted ``color`` and everything else
-            stays grey. "tint": mask pixels become ``round((1 - alpha) * grey + alpha * color)``.
-        color: RGB, three integers in 0..255.
-        alpha: tint opacity in [0,1]; ignored by "outline".
-
-    Returns:
-        A new uint8 [H,W,3] array.
-
-    Raises:
-        ValueError: unknown style (lists outline, tint), image not uint8 [H,W,3], mask shape not
-            [H,W] or not {0,1}, a bad color or alpha.
-    """
-    if style not in OVERLAY_STYLES:
-        raise ValueError(f"unknown overlay style {style!r}; expected one of: {', '.join(OVERLAY_STYLES)}")
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image must be uint8 [H,W,3], got {image.dtype} {image.shape}")
-    mask = np.asarray(mask)
-    if mask.shape != image.shape[:2]:
-        raise ValueError(f"mask must be [H,W] = {image.shape[:2]}, got {mask.shape}")
-    binary = as_mask(mask, "mask")
-    rgb = tuple(int(c) for c in color)
-    if len(rgb) != 3 or any(not 0 <= c <= 255 for c in rgb):
-        raise ValueError(f"color must be three integers in 0..255, got {color!r}")
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
-    grey = _stretch_flair(image)
-    out = np.repeat(grey[..., None], 3, axis=2)
-    if style == "outline":
-        out[_inner_boundary(binary)] = rgb
-    else:
-        under = grey[binary].astype(np.float32)[:, None]
-        blended = (1.0 - alpha) * under + alpha * np.asarray(rgb, np.float32)
-        out[binary] = np.rint(blended).astype(np.uint8)
-    return out
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 [H,W] (greyscale) or [H,W,3] (RGB) -> PNG bytes (Pillow, compress_level=1).
-
-    Raises:
-        ValueError: another dtype or shape.
-    """
-    array = np.asarray(array)
-    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
-        raise ValueError(f"PNG input must be uint8 [H,W] or [H,W,3], got {array.dtype} {array.shape}")
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def mask_png(mask: np.ndarray) -> bytes:
-    """{0,1} mask [H,W] -> greyscale PNG with 0 and 255.
-
-    Raises:
-        ValueError: not 2-D or not {0,1}.
-    """
-    mask = np.asarray(mask)
-    _check_ndim(mask, (2,), "mask", "[H,W]")
-    return encode_png(as_mask(mask, "mask").astype(np.uint8) * np.uint8(255))

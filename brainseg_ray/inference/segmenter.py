@@ -2,7 +2,8 @@
 
 The bulk job's actors and the Serve replicas both hold one, so the same slice gets the same
 answer from both. It joins the Predictor (artifact, preprocessing, forward pass) with
-postprocess.py (threshold, small components, per-patient 3-D largest component, findings).
+postprocess.py (threshold, small components, per-patient 3-D largest component, findings) and
+rendering.py (the overlay).
 """
 
 from __future__ import annotations
@@ -12,16 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from brainseg_ray.config import SegmenterConfig
-from brainseg_ray.inference.postprocess import (
-    OVERLAY_STYLES,
-    Findings,
-    PostprocessOptions,
-    findings,
-    overlay,
-    postprocess,
-)
+from brainseg_ray.inference.postprocess import Findings, PostprocessOptions, findings, postprocess
 from brainseg_ray.inference.predictor import Predictor
 from brainseg_ray.models.artifact import ModelArtifact, load_artifact
+from brainseg_ray.rendering import OVERLAY_STYLES, overlay
 
 
 @dataclass

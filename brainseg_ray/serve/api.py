@@ -25,7 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from brainseg_ray import __version__
 from brainseg_ray.config import ServeConfig
-from brainseg_ray.inference.postprocess import encode_png, mask_png
+from brainseg_ray.rendering import encode_png, mask_png
 from brainseg_ray.serve.middleware import ApiError, BearerAuth, BodyLimit, RequestMetrics, error_response
 from brainseg_ray.serve.upload import UploadError, decode_upload, media_type
 
