@@ -22,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 
 from brainseg_ray.data.schema import CHANNEL_NAMES
+from brainseg_ray.plotting import new_figure
 
 
 def institution_of(patient_id: str) -> str:
@@ -176,13 +177,9 @@ def plot_profile(profile: dict, path: str | os.PathLike | BinaryIO) -> None:
     Three panels: (a) slices with / without tumour (plus unlabelled, when any) overall and per
     institution, as stacked bars -- the data set's distribution of diagnosis; (b) patients per
     institution; (c) per-channel intensity mean +- std. An empty profile still gives a valid chart
-    with "no data" notes. Uses matplotlib's Agg canvas directly: no display, no pyplot state.
+    with "no data" notes.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(15, 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure((15, 4.8), layout="constrained")
     slices_ax, patients_ax, channels_ax = fig.subplots(1, 3, width_ratios=[1.4, 1.0, 1.0])
     _plot_diagnosis(slices_ax, profile)
     _plot_patients(patients_ax, profile)

@@ -14,16 +14,14 @@ s3:// prefix::
 report.md is rendered from the JSON dict, not from the evaluations, so the two never disagree
 and a stored report.json can be re-rendered with `render_markdown`.
 
-Plots use matplotlib's Agg canvas on bare `Figure` objects (as `brainseg_ray.data.profile`
-does): no display is needed and no pyplot registry holds on to figures, so nothing leaks when
-many reports are written in one process. PNG bytes go through `storage.write_bytes`, so an
-s3:// destination works like a local one.
+Plots are drawn on brainseg_ray.plotting's bare Agg figures: no display is needed and nothing
+leaks when many reports are written in one process. PNG bytes go through `storage.write_bytes`,
+so an s3:// destination works like a local one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -37,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from brainseg_ray import storage
+from brainseg_ray.plotting import new_figure, png_bytes
 
 __all__ = [
     "ModelEvaluation",
@@ -259,23 +258,6 @@ def _patient_rows(evaluation: ModelEvaluation) -> list[dict]:
 # --- figures ----------------------------------------------------------------------------------
 
 
-def _figure(figsize: tuple[float, float]):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig, dpi: float = 100) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    # Nothing to close: a bare Figure is not in pyplot's registry, and dropping the last
-    # reference frees it (fig.clear() would only cost time rebuilding empty axes).
-    return buffer.getvalue()
-
-
 def _note(ax, text: str) -> None:
     ax.set_axis_off()
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center",
@@ -299,7 +281,7 @@ def plot_confusion(detection: Mapping | None, title: str = "") -> bytes:
         rates = np.where(totals > 0, counts / np.maximum(totals, 1), np.nan)
     names = [["sensitivity", "FRR"], ["FAR", "specificity"]]
 
-    fig = _figure((5.6, 4.6))
+    fig = new_figure((5.6, 4.6), layout="constrained")
     ax = fig.subplots()
     cmap = colormaps["Blues"].with_extremes(bad="#dddddd")
     image = ax.imshow(np.ma.masked_invalid(rates), cmap=cmap, vmin=0.0, vmax=1.0)
@@ -313,7 +295,7 @@ def plot_confusion(detection: Mapping | None, title: str = "") -> bytes:
     ax.set_yticks([0, 1], ["truth tumour", "truth no tumour"])
     ax.set_title(f"Slice detection: {_short(title)}" if title else "Slice detection", fontsize=11)
     fig.colorbar(image, ax=ax, shrink=0.8, label="share of the truth row")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _flair(image: np.ndarray) -> np.ndarray:
@@ -351,17 +333,17 @@ def plot_worst(worst: Sequence[WorstSlice], title: str = "") -> bytes:
     """
     worst = list(worst)
     if not worst:
-        fig = _figure((4.0, 1.6))
+        fig = new_figure((4.0, 1.6), layout="constrained")
         _note(fig.subplots(), "no slices")
         if title:
             fig.suptitle(_short(title), fontsize=10)
-        return _png(fig)
+        return png_bytes(fig)
 
     show_probability = any(w.probability is not None for w in worst)
     columns = 4 if show_probability else 3
     row_height = 2.9
     height = row_height * len(worst) + (0.4 if title else 0.0)
-    fig = _figure((2.6 * columns, height))
+    fig = new_figure((2.6 * columns, height), layout="constrained")
     if title:
         fig.suptitle(f"Worst slices: {_short(title)}", fontsize=12)
     rows = fig.subfigures(len(worst), 1, squeeze=False)[:, 0]
@@ -401,7 +383,7 @@ def plot_worst(worst: Sequence[WorstSlice], title: str = "") -> bytes:
                 _outline(axes[3], truth, "#2ca02c")
                 axes[3].set_title("probability (0–1)", fontsize=8)
     # Agg cannot draw past 2**16 pixels a side; a very long gallery gets a lower resolution.
-    return _png(fig, dpi=min(100.0, 30000.0 / height))
+    return png_bytes(fig, dpi=min(100.0, 30000.0 / height))
 
 
 def plot_patients(patients: Sequence[Mapping], mean: float | None = None, title: str = "") -> bytes:
@@ -411,11 +393,11 @@ def plot_patients(patients: Sequence[Mapping], mean: float | None = None, title:
     by convention, not a measure of segmentation quality.
     """
     rows = _patients_by_dice(patients)
-    fig = _figure((7.5, max(2.6, 0.22 * len(rows) + 1.4)))
+    fig = new_figure((7.5, max(2.6, 0.22 * len(rows) + 1.4)), layout="constrained")
     ax = fig.subplots()
     if not rows:
         _note(ax, "no patients")
-        return _png(fig)
+        return png_bytes(fig)
     values = [_number(r.get("dice")) for r in rows]
     tumour_free = [r.get("tumour_slices") == 0 for r in rows]
     y = np.arange(len(rows))
@@ -441,14 +423,14 @@ def plot_patients(patients: Sequence[Mapping], mean: float | None = None, title:
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.set_title(f"Per-patient Dice: {_short(title)}" if title else "Per-patient Dice", fontsize=11)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_comparison(rows: Sequence[Mapping]) -> bytes:
     """PNG grouped bar chart of the comparison rows: the rate figures, and seconds apart
     (a different scale). Missing values get no bar and an "n/a" mark."""
     rates = [c for c in _COMPARISON if c.path is not None]
-    fig = _figure((max(9.0, 1.3 * len(rates) + 0.25 * len(rows) * len(rates)), 4.8))
+    fig = new_figure((max(9.0, 1.3 * len(rates) + 0.25 * len(rows) * len(rates)), 4.8), layout="constrained")
     ax, seconds_ax = fig.subplots(1, 2, width_ratios=[4, 1])
     width = 0.8 / max(len(rows), 1)
     x = np.arange(len(rates))
@@ -475,7 +457,7 @@ def plot_comparison(rows: Sequence[Mapping]) -> bytes:
     seconds_ax.set_xlabel("model (legend order)")
     seconds_ax.set_ylabel("seconds")
     seconds_ax.set_title("Inference time")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # --- JSON -------------------------------------------------------------------------------------

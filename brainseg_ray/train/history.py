@@ -10,6 +10,7 @@ import io
 import json
 
 from brainseg_ray import storage
+from brainseg_ray.plotting import new_figure, png_bytes
 
 HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
@@ -35,17 +36,12 @@ def read_history(out: str, s3: storage.S3Options | None = None) -> list[dict]:
 
 def plot_curves(rows: list[dict]) -> bytes:
     """Loss (train and validation) and validation Dice against the epoch, as PNG bytes."""
-    # A bare Figure on the Agg canvas: no display, and no pyplot registry keeping figures alive.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     epochs = [r["epoch"] for r in rows]
 
     def series(key):
         return [r.get(key) if r.get(key) is not None else float("nan") for r in rows]
 
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
+    fig = new_figure((10, 4))
     ax_loss, ax_dice = fig.subplots(1, 2)
     ax_loss.plot(epochs, series("train_loss"), marker="o", label="train")
     ax_loss.plot(epochs, series("val_loss"), marker="o", label="validation")
@@ -63,6 +59,4 @@ def plot_curves(rows: list[dict]) -> bytes:
         if epochs:
             ax.set_xticks(epochs if len(epochs) <= 20 else epochs[:: max(1, len(epochs) // 10)])
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(fig)

@@ -21,7 +21,6 @@ are thrown away. OUT/lr_find.json holds the curve and the suggestions, OUT/lr_fi
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import numpy as np
 
 from brainseg_ray import storage
 from brainseg_ray.config import ConfigError, LrFindConfig, TrainConfig
+from brainseg_ray.plotting import new_figure, png_bytes
 from brainseg_ray.train.trainer import TrainingError
 
 LR_FIND_JSON = "lr_find.json"
@@ -155,12 +155,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator):
 def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], suggested_lr: float,
                  steepest: float | None, min_loss_div10: float) -> bytes:
     """Smoothed loss (and the raw loss, faint) against the LR on a log axis, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
     ax.plot(lrs, losses, color="tab:blue", alpha=0.25, linewidth=1, label="loss")
     ax.plot(lrs, smoothed, color="tab:blue", linewidth=2, label="smoothed loss")
     ax.set_xscale("log")
@@ -178,10 +174,7 @@ def plot_lr_find(lrs: list[float], losses: list[float], smoothed: list[float], s
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def lr_find(cfg: LrFindConfig) -> LrFindResult:
