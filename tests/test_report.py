@@ -12,14 +12,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from brainseg_ray import storage
-from brainseg_ray.evaluate.report import (
-    ModelEvaluation,
-    WorstSlice,
-    plot_worst,
-    slugify,
-    unique_slugs,
-    write_report,
-)
+from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
+from brainseg_ray.evaluate.figures import plot_worst
+from brainseg_ray.evaluate.report import slugify, unique_slugs, write_report
 from brainseg_ray.train import metrics as m
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

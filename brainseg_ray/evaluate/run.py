@@ -2,7 +2,8 @@
 
 Each model runs in a Ray Data actor pool of predictors that send back per-slice pixel counts and
 losses only (never masks), so the driver's memory does not grow with the data. The worst slices
-by loss are predicted again on the driver for the gallery. report.py writes the files.
+by loss are predicted again on the driver for the gallery. The measurements become
+evaluation.py's ModelEvaluation objects, which report.py writes out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from brainseg_ray import storage
 from brainseg_ray.config import EvaluateConfig, SegmenterConfig
 from brainseg_ray.data import schema
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
+from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
+from brainseg_ray.evaluate.report import write_report
 from brainseg_ray.train.metrics import pixel_counts, slice_counts
 
 
@@ -125,7 +128,6 @@ def _actor_cpus(cfg: EvaluateConfig) -> float:
 
 def evaluate(cfg: EvaluateConfig):
     """Run the evaluate job (Ray must be initialised); writes the report under cfg.out."""
-    from brainseg_ray.evaluate.report import ModelEvaluation, write_report
     from brainseg_ray.inference.segmenter import Segmenter
     from brainseg_ray.models.artifact import load_artifact
     from brainseg_ray.train.metrics import SegmentationMetrics
@@ -218,7 +220,6 @@ def _patient_rows(ids: list[str], table: pa.Table, cols: dict, summary: dict) ->
 
 
 def _worst_slices(cfg: EvaluateConfig, table: pa.Table, segmenter):
-    from brainseg_ray.evaluate.report import WorstSlice
     from brainseg_ray.inference.postprocess import postprocess
 
     if cfg.worst_slices <= 0 or table.num_rows == 0:
