@@ -9,7 +9,6 @@ import torch
 
 from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.devices import cpu_has_native_bf16, pick_device, resolve_precision
-from brainseg_ray.evaluate.run import per_slice_loss
 from brainseg_ray.models.inputs import (
     DEFAULT_NORMALISATION,
     images_to_tensor,
@@ -18,7 +17,7 @@ from brainseg_ray.models.inputs import (
     normalisation_from_profile,
 )
 from brainseg_ray.models.registry import ModelSpec, build_model
-from brainseg_ray.train.losses import build_loss
+from brainseg_ray.train.losses import build_loss, per_slice_bce_dice
 from brainseg_ray.train.metrics import SegmentationMetrics
 from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, build_schedule, validate
 
@@ -221,11 +220,11 @@ def test_per_slice_loss_by_hand():
     truth = np.zeros((2, 2, 2), bool)
     truth[0, 0, 0] = True
     perfect = truth.astype(np.float32)
-    loss = per_slice_loss(perfect, truth)
+    loss = per_slice_bce_dice(perfect, truth)
     assert np.allclose(loss, 0.0, atol=1e-5)
     half = np.full((1, 2, 2), 0.5, np.float32)
     # BCE of 0.5 is ln 2 everywhere; soft Dice = (2*0.5 + 1) / (2 + 1 + 1) = 0.5.
-    assert np.isclose(per_slice_loss(half, truth[:1])[0], np.log(2) + 0.5, atol=1e-6)
+    assert np.isclose(per_slice_bce_dice(half, truth[:1])[0], np.log(2) + 0.5, atol=1e-6)
 
 
 @pytest.mark.parametrize("count,cap,expected", [(1, None, 2), (2, None, 1), (3, None, 1), (1, 1, 1)])

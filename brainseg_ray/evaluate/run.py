@@ -22,6 +22,7 @@ from brainseg_ray.data import schema
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
 from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
 from brainseg_ray.evaluate.report import write_report
+from brainseg_ray.train.losses import per_slice_bce_dice
 from brainseg_ray.train.metrics import pixel_counts, slice_counts
 
 
@@ -38,16 +39,6 @@ class EvaluateResult:
             else f"{m['name']} n/a" for m in self.report["models"])
         return (f"evaluate: {len(self.report['models'])} model(s) on {self.patients} patients ({self.slices} slices); "
                 f"per-patient Dice: {scores} -> {storage.join(self.out, 'report.md')}")
-
-
-def per_slice_loss(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """BCE + soft Dice loss of each slice (the training loss's two terms, unweighted), [N]."""
-    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
-    t = truth.astype(np.float64)
-    bce = -(t * np.log(p) + (1 - t) * np.log(1 - p)).mean(axis=(1, 2))
-    inter = (p * t).sum(axis=(1, 2))
-    soft_dice = (2 * inter + 1.0) / (p.sum(axis=(1, 2)) + t.sum(axis=(1, 2)) + 1.0)
-    return bce + (1 - soft_dice)
 
 
 class SliceScorer:
@@ -78,7 +69,7 @@ class SliceScorer:
             counts = slice_counts(masks.astype(bool), truth)
             prefix = "" if i == 0 else f"sweep{i - 1}_"
             columns.update({f"{prefix}{name}": c for name, c in zip(("tp", "fp", "fn", "tn"), counts)})
-        columns["loss"] = per_slice_loss(probabilities, truth)
+        columns["loss"] = per_slice_bce_dice(probabilities, truth)
         return pa.table(columns)
 
 

@@ -8,17 +8,21 @@ device sync per step); masks from the ingested dataset are already {0,1}.
     dice       soft Dice on sigmoid probabilities, per slice then averaged over the batch
     bce_dice   bce_weight * bce + (1 - bce_weight) * dice  (the default)
     focal      binary focal loss on logits (Lin et al. 2017), mean over all pixels
+
+`per_slice_bce_dice` gives evaluation the same two terms for each slice, from probabilities.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BCEDiceLoss", "DiceLoss", "FocalLoss", "LOSSES", "DEFAULT_LOSS", "build_loss"]
+__all__ = ["BCEDiceLoss", "DiceLoss", "FocalLoss", "LOSSES", "DEFAULT_LOSS", "build_loss", "per_slice_bce_dice",
+           "soft_dice"]
 
 
 def _check_shapes(logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -28,6 +32,15 @@ def _check_shapes(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
     if logits.dim() < 2:
         raise ValueError(f"expected [N,1,H,W] logits, got shape {tuple(logits.shape)}")
+
+
+def soft_dice(probs: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice of each sample [N,...] -> [N]: (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth)."""
+    probs = probs.flatten(1)
+    targets = targets.to(probs.dtype).flatten(1)
+    intersection = (probs * targets).sum(dim=1)
+    denominator = probs.sum(dim=1) + targets.sum(dim=1)
+    return (2 * intersection + smooth) / (denominator + smooth)
 
 
 class DiceLoss(nn.Module):
@@ -48,12 +61,7 @@ class DiceLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         _check_shapes(logits, targets)
-        probs = torch.sigmoid(logits).flatten(1)
-        targets = targets.to(probs.dtype).flatten(1)
-        intersection = (probs * targets).sum(dim=1)
-        denominator = probs.sum(dim=1) + targets.sum(dim=1)
-        dice = (2 * intersection + self.smooth) / (denominator + self.smooth)
-        return (1 - dice).mean()
+        return (1 - soft_dice(torch.sigmoid(logits), targets, self.smooth)).mean()
 
 
 class BCEDiceLoss(nn.Module):
@@ -110,6 +118,20 @@ class FocalLoss(nn.Module):
         if self.alpha is not None:
             loss = (self.alpha * targets + (1 - self.alpha) * (1 - targets)) * loss
         return loss.mean()
+
+
+def per_slice_bce_dice(probabilities: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The bce_dice loss of each slice, from probabilities [N,H,W] and {0,1} truth: float64 [N].
+
+    For evaluation, which holds probabilities (after TTA, at the slice's size) rather than logits,
+    and ranks its worst slices by this. Both terms weigh 1 (BCEDiceLoss weighs them 0.5 each);
+    probabilities are clipped to [1e-7, 1 - 1e-7] so a confident miss stays finite. In float64,
+    so the ranking does not depend on the device the probabilities came from.
+    """
+    p = torch.from_numpy(np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7))
+    t = torch.from_numpy(np.asarray(truth, np.float64))
+    bce = F.binary_cross_entropy(p, t, reduction="none").flatten(1).mean(dim=1)
+    return (bce + (1 - soft_dice(p, t))).numpy()
 
 
 LOSSES: dict[str, Callable[..., nn.Module]] = {
