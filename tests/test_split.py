@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
 import pytest
 
-from brainseg_ray.data.split import SPLITS, assign_folds, assign_splits
+from brainseg_ray.data.split import SPLITS, assign_folds, assign_splits, read_split_file
 
 
 def cohort(n_tumour: int, n_free: int, seed: int = 0) -> dict[str, int]:
@@ -200,3 +201,47 @@ def test_folds_reject_bad_input(patients, k, message):
 def test_folds_reject_non_integer_k():
     with pytest.raises(TypeError, match="integer"):
         assign_folds(LGG, 2.5)
+
+
+# --- split files read back --------------------------------------------------------------------
+
+SPLIT_COMMAND_FILE = {"seed": 0, "fractions": [0.5, 0.25, 0.25],
+                      "splits": {"a": "train", "b": "val", "c": "test", "d": "train"},
+                      "folds": {"a": 0, "b": 1, "c": 0, "d": 1}}
+# What a train run writes as its split.json: the patients by split, and how they were chosen
+# (here a fold drawn by the run: "folds" is a count, not an assignment).
+TRAIN_RUN_FILE = {"folds": 5, "fold": 1, "seed": 0, "train": ["d", "a"], "val": ["b"],
+                  "settings": {"model": "unet", "image_size": 256}}
+
+
+def test_read_split_file_of_brainseg_split(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(SPLIT_COMMAND_FILE))
+    split_file = read_split_file(str(path))
+    assert split_file.in_split("train") == ["a", "d"] and split_file.in_split("test") == ["c"]
+    assert split_file.in_fold(0) == ["a", "c"] and split_file.outside_fold(0) == ["b", "d"]
+
+
+def test_read_split_file_of_a_train_run(tmp_path):
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(TRAIN_RUN_FILE))
+    split_file = read_split_file(str(path))
+    assert split_file.in_split("train") == ["a", "d"] and split_file.in_split("val") == ["b"]
+    assert split_file.folds == {} and split_file.in_split("test") == []
+
+
+def test_training_takes_its_patients_from_a_train_runs_split_json(tmp_path):
+    """A run's own split.json starts another run on the same patients (it was not readable)."""
+    from brainseg_ray.config import TrainConfig
+    from brainseg_ray.train.trainer import TrainingError, choose_patients
+
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps(TRAIN_RUN_FILE))
+    tumour = {"a": 3, "b": 1, "c": 0, "d": 2}
+    train, val, how = choose_patients(TrainConfig(data="dataset", split_file=str(path)), tumour)
+    assert (train, val) == (["a", "d"], ["b"]) and how["split_file"] == str(path)
+    with pytest.raises(TrainingError, match="has no folds"):
+        choose_patients(TrainConfig(data="dataset", split_file=str(path), fold=0), tumour)
+    path.write_text(json.dumps(SPLIT_COMMAND_FILE))
+    train, val, _ = choose_patients(TrainConfig(data="dataset", split_file=str(path), fold=1), tumour)
+    assert (train, val) == (["a", "c"], ["b", "d"])

@@ -7,16 +7,56 @@ Both functions take ``{patient_id: number of slices with tumour}`` and are strat
 with tumour (count > 0) and tumour-free patients (count == 0) are each spread over the
 splits/folds in proportion. Results depend only on the patients, their counts and ``seed`` --
 never on the order of the input mapping, because ids are sorted before any random draw.
+
+`read_split_file` reads a split back, in either form one is written: `brainseg split`'s
+{"splits": {patient: name}, "folds": {patient: k}} or a train run's split.json
+{"train": [...], "val": [...], ...}; training and evaluation both choose patients through it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import random
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from brainseg_ray import storage
 
 SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """The patients a split file assigns: to a split name, and to a fold where it has folds."""
+
+    uri: str
+    splits: dict[str, str] = field(default_factory=dict)  # patient -> train | val | test
+    folds: dict[str, int] = field(default_factory=dict)  # patient -> fold (empty: no folds)
+
+    def in_split(self, name: str) -> list[str]:
+        return sorted(p for p, s in self.splits.items() if s == name)
+
+    def in_fold(self, fold: int) -> list[str]:
+        return sorted(p for p, f in self.folds.items() if f == fold)
+
+    def outside_fold(self, fold: int) -> list[str]:
+        return sorted(p for p, f in self.folds.items() if f != fold)
+
+
+def read_split_file(uri: str, s3: storage.S3Options | None = None) -> SplitFile:
+    """The split file at `uri` (local or s3://), from `brainseg split` or a train run's split.json."""
+    record = json.loads(storage.read_bytes(uri, s3))
+    if not isinstance(record, dict):
+        raise ValueError(f"{uri}: a split file is a JSON object, got {type(record).__name__}")
+    if isinstance(record.get("splits"), dict):  # `brainseg split`
+        splits = dict(record["splits"])
+    else:  # a train run's record: its patients listed by split name
+        splits = {p: name for name in SPLITS if isinstance(record.get(name), list) for p in record[name]}
+    # A train run records the number of folds it drew ("folds": 5); only a mapping assigns them.
+    folds = record.get("folds") if isinstance(record.get("folds"), dict) else {}
+    return SplitFile(uri=uri, splits=splits, folds=dict(folds))
 
 
 def assign_splits(

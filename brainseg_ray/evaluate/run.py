@@ -9,7 +9,6 @@ evaluation.py's ModelEvaluation objects, which report.py writes out.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 from brainseg_ray import storage
 from brainseg_ray.config import EvaluateConfig, SegmenterConfig
 from brainseg_ray.data import schema
+from brainseg_ray.data.split import read_split_file
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
 from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
 from brainseg_ray.evaluate.report import write_report
@@ -79,15 +79,13 @@ def select_patients(cfg: EvaluateConfig, all_patients: list[str]) -> list[str]:
         if cfg.split != "all" or cfg.fold is not None:
             raise ValueError("split or fold given without split_file")
         return sorted(all_patients)
-    record = json.loads(storage.read_bytes(cfg.split_file, cfg.s3))
+    split_file = read_split_file(cfg.split_file, cfg.s3)
     if cfg.fold is not None:
-        chosen = [p for p, f in (record.get("folds") or {}).items() if f == cfg.fold]
+        chosen = split_file.in_fold(cfg.fold)
     elif cfg.split == "all":
         chosen = list(all_patients)
-    elif isinstance(record.get("splits"), dict):  # `brainseg split`: {"splits": {patient: name}}
-        chosen = [p for p, name in record["splits"].items() if name == cfg.split]
-    else:  # a train run's split.json: {"train": [...], "val": [...]}
-        chosen = list(record.get(cfg.split) or [])
+    else:
+        chosen = split_file.in_split(cfg.split)
     missing = sorted(set(chosen) - set(all_patients))
     if missing:
         raise ValueError(f"{cfg.split_file}: {len(missing)} patients are not in {cfg.data}, e.g. {missing[0]}")

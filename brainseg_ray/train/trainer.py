@@ -65,22 +65,19 @@ def read_manifest(data: str, s3: storage.S3Options) -> dict:
 
 
 def choose_patients(cfg: TrainConfig, tumour_by_patient: dict[str, int]) -> tuple[list[str], list[str], dict]:
-    """(train patients, validation patients, how they were chosen): a split file, a fold, or a
-    split drawn with `val_fraction` and `seed`. Always whole patients."""
-    from brainseg_ray.data.split import assign_folds, assign_splits
+    """(train patients, validation patients, how they were chosen): a split file (from `brainseg
+    split`, or another run's split.json), a fold, or a split drawn with `val_fraction` and `seed`.
+    Always whole patients."""
+    from brainseg_ray.data.split import assign_folds, assign_splits, read_split_file
 
     if cfg.split_file:
-        splits = json.loads(storage.read_bytes(cfg.split_file, cfg.s3))
+        split_file = read_split_file(cfg.split_file, cfg.s3)
         if cfg.fold is not None:
-            folds = splits.get("folds") or {}
-            if not folds:
+            if not split_file.folds:
                 raise TrainingError(f"{cfg.split_file}: has no folds (run `brainseg split --folds K`)")
-            val = [p for p, f in folds.items() if f == cfg.fold]
-            train = [p for p, f in folds.items() if f != cfg.fold]
+            train, val = split_file.outside_fold(cfg.fold), split_file.in_fold(cfg.fold)
         else:
-            assigned = splits.get("splits") or {}
-            train = [p for p, s in assigned.items() if s == "train"]
-            val = [p for p, s in assigned.items() if s == "val"]
+            train, val = split_file.in_split("train"), split_file.in_split("val")
         how = {"split_file": cfg.split_file, "fold": cfg.fold}
     elif cfg.fold is not None:
         folds = assign_folds(tumour_by_patient, cfg.folds, cfg.seed)
