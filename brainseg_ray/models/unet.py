@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from brainseg_ray.models.spec import ModelSpec
+
+NAME = "unet"  # its registry name
 LEVELS = 4  # encoder levels; the bottleneck is one more below them
 
 
@@ -60,3 +63,10 @@ class UNet(nn.Module):
         for upconv, decoder, skip in zip(self.upconvs, self.decoders, reversed(skips)):
             x = decoder(torch.cat([upconv(x), skip], dim=1))
         return self.head(x)
+
+
+def build_unet(spec: ModelSpec) -> nn.Module:
+    """The registry's builder for `unet`: base_filters shapes it; it has no pretrained encoder."""
+    if spec.encoder_weights_path or spec.encoder_weights:
+        raise ValueError("model 'unet' has no pretrained encoder: encoder weights apply to smp models only")
+    return UNet(in_channels=spec.in_channels, classes=spec.classes, base_filters=spec.base_filters)

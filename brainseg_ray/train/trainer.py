@@ -219,6 +219,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.models.inputs import normalisation_from_profile
+    from brainseg_ray.models.registry import has_unused_parameters
 
     _check_config(cfg)
     if not storage.is_s3(cfg.out):
@@ -261,8 +262,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         "val_patients": val_patients,
         "total_steps": total_steps,
         "rounds": rounds,  # validation + checkpoint rounds: epochs, or eval_every_steps each
-        # smp encoders cut below depth 5 keep unused layers, which DDP must be told about.
-        "find_unused_parameters": spec.name != "unet" and spec.encoder_depth < 5,
+        "find_unused_parameters": has_unused_parameters(spec),
         "threads": max(1, int(cpus)),
         "out": cfg.out,
         "training_record": {
@@ -300,6 +300,7 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     """The state_dict of cfg.init_from (sent to every worker with the plan, so nodes need no access
     to the file) and what to record of it; (None, None) without one."""
     from brainseg_ray.models.artifact import ArtifactError, load_artifact
+    from brainseg_ray.models.registry import model_settings
 
     if not cfg.init_from:
         return None, None
@@ -307,12 +308,7 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
         artifact = load_artifact(cfg.init_from)  # `reference` included
     except ArtifactError as exc:
         raise TrainingError(f"init_from: {exc}") from None
-    mine = {k: getattr(spec, k) for k in ("name", "in_channels", "classes", "encoder_depth", "base_filters")}
-    theirs = {k: getattr(artifact.spec, k) for k in mine}
-    if spec.name == "unet":
-        mine.pop("encoder_depth"), theirs.pop("encoder_depth")
-    else:
-        mine.pop("base_filters"), theirs.pop("base_filters")
+    mine, theirs = model_settings(spec), model_settings(artifact.spec)
     if mine != theirs:
         raise TrainingError(f"init_from {cfg.init_from}: its model {theirs} differs from this run's {mine}")
     state = {k: v.detach().float().clone() for k, v in artifact.model.state_dict().items()}
