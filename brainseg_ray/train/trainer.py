@@ -22,7 +22,7 @@ from brainseg_ray import storage
 from brainseg_ray.config import TrainConfig, to_dict
 from brainseg_ray.data import schema
 from brainseg_ray.data.tables import patients_dataset
-from brainseg_ray.train.loop import SCORE, train_loop_per_worker
+from brainseg_ray.train.loop import SCORE, Plan, train_loop_per_worker
 
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -253,26 +253,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     steps_per_epoch = per_worker // cfg.batch_size
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
     rounds = -(-cfg.steps // cfg.eval_every_steps) if cfg.steps else cfg.epochs
-    plan = {
-        "init_state": init_state,
-        "config": config,
-        "spec": {k: v for k, v in vars(spec).items()},
-        "normalisation": normalisation_from_profile(manifest.get("profile")),
-        "data_fingerprint": manifest.get("fingerprint"),
-        "val_patients": val_patients,
-        "total_steps": total_steps,
-        "rounds": rounds,  # validation + checkpoint rounds: epochs, or eval_every_steps each
-        "find_unused_parameters": has_unused_parameters(spec),
-        "threads": max(1, int(cpus)),
-        "out": cfg.out,
-        "training_record": {
+    plan = Plan(
+        config=config,
+        spec=dict(vars(spec)),
+        normalisation=normalisation_from_profile(manifest.get("profile")),
+        data_fingerprint=manifest.get("fingerprint"),
+        val_patients=val_patients,
+        total_steps=total_steps,
+        rounds=rounds,
+        find_unused_parameters=has_unused_parameters(spec),
+        threads=max(1, int(cpus)),
+        out=cfg.out,
+        training_record={
             "config": {k: v for k, v in config.items() if k not in ("s3", "ray")},
             "split": split_record,
             "slices": {"train": n_train, "val": n_val},
             "data": cfg.data,
             **({"init_from": init_record} if init_record else {}),
         },
-    }
+        init_state=init_state,
+    )
     budget = f"{total_steps} steps" + (f" of {cfg.crop_size}px crops" if cfg.crop_size else "")
     print(f"train: {cfg.model} on {len(train_patients)} patients ({n_train} slices), validating on "
           f"{len(val_patients)} ({n_val} slices); {budget}; {cfg.num_workers} worker(s) x {cpus:g} CPU"
@@ -280,7 +280,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=plan,
+        train_loop_config=vars(plan),  # a plain dict, as Ray Train takes it (asdict would copy init_state)
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=_run_config(cfg),
