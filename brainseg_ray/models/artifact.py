@@ -144,22 +144,32 @@ def load_artifact(uri: str) -> ModelArtifact:
     return ModelArtifact(spec=spec, metadata=metadata, model=model)
 
 
+def resave_artifact(artifact: ModelArtifact, out: str, *, half: bool = False, threshold: float | None = None,
+                    postprocess: dict | None = None, training: dict | None = None, extra: dict | None = None) -> str:
+    """A loaded artifact saved again under `out`, with its metadata (normalisation, threshold,
+    post-processing, training record, data fingerprint, metrics, input size), optionally in
+    float16 and with what is given replaced: `postprocess` merges into the recorded choice,
+    `training` replaces the record, `extra` adds top-level keys. Returns the version."""
+    meta = artifact.metadata
+    chosen = {**(meta.get("postprocess") or {}), **(postprocess or {})}
+    return save_artifact(
+        out, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
+        threshold=meta.get("threshold", 0.5) if threshold is None else threshold,
+        training=meta.get("training") if training is None else training,
+        data_fingerprint=meta.get("data_fingerprint"), metrics=meta.get("metrics"), half=half,
+        input_size=meta["input"]["size"], postprocess=chosen or None, extra=extra)
+
+
 def export_artifact(source: str, out: str, *, half: bool = False, threshold: float | None = None,
                     postprocess: dict | None = None, card: str | None = None) -> str:
     """A copy of the artifact at `source` under `out`, optionally in float16 and with a chosen
     threshold and post-processing; `card` (a Markdown file) is copied beside it as MODEL_CARD.md.
     Its training record and metrics are kept; `exported_from` names the source. Returns the version."""
     artifact = load_artifact(source)
-    meta = artifact.metadata
-    chosen = {**(meta.get("postprocess") or {}), **(postprocess or {})}
     if card:
         storage.write_bytes(storage.join(out, CARD_FILE), storage.read_bytes(card))
-    return save_artifact(
-        out, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
-        threshold=meta.get("threshold", 0.5) if threshold is None else threshold, training=meta.get("training"),
-        data_fingerprint=meta.get("data_fingerprint"), metrics=meta.get("metrics"), half=half,
-        input_size=meta["input"]["size"], postprocess=chosen or None,
-        extra={"exported_from": {"uri": source, "version": meta.get("version", "")}})
+    return resave_artifact(artifact, out, half=half, threshold=threshold, postprocess=postprocess,
+                           extra={"exported_from": {"uri": source, "version": artifact.metadata.get("version", "")}})
 
 
 def check_artifact(uri: str) -> dict:

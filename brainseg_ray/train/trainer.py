@@ -316,8 +316,8 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
 
 
 def _finish(cfg: TrainConfig, result) -> TrainResult:
-    """Copy the best checkpoint's model to OUT/model through the one artifact loader."""
-    from brainseg_ray.models.artifact import load_artifact, save_artifact
+    """Save the best checkpoint's model again as OUT/model (float16 with half_weights)."""
+    from brainseg_ray.models.artifact import load_artifact, resave_artifact
     from brainseg_ray.train.history import read_history
 
     ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE) is not None]
@@ -328,11 +328,8 @@ def _finish(cfg: TrainConfig, result) -> TrainResult:
     model_uri = storage.join(cfg.out, MODEL_DIR)
     with checkpoint.as_directory() as folder:
         artifact = load_artifact(folder)
-    meta = artifact.metadata
-    save_artifact(model_uri, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
-                  threshold=meta["threshold"], training={**meta["training"], "epoch": metrics["epoch"]},
-                  data_fingerprint=meta["data_fingerprint"], metrics=meta["metrics"], half=cfg.half_weights,
-                  input_size=meta["input"]["size"])
+    resave_artifact(artifact, model_uri, half=cfg.half_weights,
+                    training={**artifact.metadata["training"], "epoch": metrics["epoch"]})
     history = read_history(cfg.out, cfg.s3)
     returned = result.return_value or {}
     progress = returned.get("progress") or {}
