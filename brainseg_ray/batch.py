@@ -155,7 +155,7 @@ class TaskRunner:
         self.cfg, self.sources = cfg, sources
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this actor holds.
         self.threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor or 1))
-        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads))
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads), s3=cfg.s3)
 
     def __call__(self, batch: dict) -> dict:
         import pickle
@@ -249,7 +249,7 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
         raise SegmentJobError("segment needs --input, --output and --model")
     shard_index, shard_count = parse_shard(cfg.shard)
     started = time.time()
-    version = check_artifact(cfg.segmenter.model).get("version", "")  # fail fast on a bad model
+    version = check_artifact(cfg.segmenter.model, cfg.s3).get("version", "")  # fail fast on a bad model
     catalog = build_catalog(cfg.input, cfg.s3, masks="optional")
     tasks = plan_tasks(catalog, cfg.slices_per_task)
     _check_or_write_job(cfg, _job_record(cfg, version, tasks))

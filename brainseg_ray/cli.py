@@ -115,7 +115,6 @@ def _cmd_score(args) -> int:
 
 def _cmd_serve(args) -> int:
     import dataclasses
-    import os
     import signal
     import time
 
@@ -127,13 +126,11 @@ def _cmd_serve(args) -> int:
     cfg = settings.load(args.config, args.overrides, model=args.model, host=args.host, port=args.port)
     if args.s3_endpoint:
         cfg.s3 = dataclasses.replace(cfg.s3, endpoint_url=args.s3_endpoint)
-    if cfg.s3.endpoint_url:  # load_artifact below (and a local Ray's replicas) read the environment
-        os.environ["AWS_ENDPOINT_URL_S3"] = cfg.s3.endpoint_url
     if args.address:
         cfg.ray.address = args.address
     # A wrong model is one line here, not a deployment failing in a replica's log.
     ensure_torchvision_importable()
-    version = load_artifact(cfg.segmenter.model).metadata.get("version", "")
+    version = load_artifact(cfg.segmenter.model, cfg.s3).metadata.get("version", "")
     init_ray(cfg.ray)
     from ray import serve
 
@@ -169,11 +166,13 @@ def _cmd_models(args) -> int:
 
 def _cmd_export(args) -> int:
     from brainseg_ray.models.artifact import export_artifact
+    from brainseg_ray.storage import S3Options
 
     postprocess = {k: getattr(args, k) for k in ("min_component_px", "min_component_peak", "largest_component_3d",
                                                  "keep_3d_fraction", "tta") if getattr(args, k) is not None}
+    s3 = S3Options(endpoint_url=args.s3_endpoint) if args.s3_endpoint else None
     version = export_artifact(args.model, args.out, half=args.half, threshold=args.threshold,
-                              postprocess=postprocess, card=args.card)
+                              postprocess=postprocess, card=args.card, s3=s3)
     print(f"export: {args.model} -> {args.out} ({version}{', float16' if args.half else ''})")
     return 0
 
@@ -301,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", dest="tta", action=argparse.BooleanOptionalAction,
                    help="default: average the predictions of each slice and its flips")
     p.add_argument("--card", help="a Markdown model card to store beside it as MODEL_CARD.md")
+    p.add_argument("--s3-endpoint", dest="s3_endpoint", help="S3 endpoint URL (default: AWS_ENDPOINT_URL)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the whole story on embedded synthetic data")

@@ -73,6 +73,22 @@ def upload_tree(local: Path, s3_uri: str) -> None:
             storage.write_bytes(storage.join(s3_uri, *path.relative_to(local).parts), path.read_bytes())
 
 
+@pytest.fixture
+def explicit_s3_model(s3_bucket, tmp_path, monkeypatch) -> tuple[str, object]:
+    """(an s3:// tiny artifact, S3Options naming the moto endpoint), with this process's AWS
+    environment then pointing at a port where nothing listens: only code that hands the job's
+    explicit S3 options down reaches the model (as with a MinIO endpoint given by --s3-endpoint).
+    Ray's workers keep the session's environment; the driver's side is what this checks."""
+    from brainseg_ray.storage import S3Options
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    uri = f"{s3_bucket}/models/tiny"
+    upload_tree(Path(tiny_artifact(tmp_path / "explicit-s3-model")), uri)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    return uri, S3Options(endpoint_url=endpoint)
+
+
 def tiny_artifact(path: Path, seed: int = 0, base_filters: int = 4, input_size: int = 64) -> str:
     """An untrained plain U-Net artifact (fixed weights for a seed): fast, and enough for tests
     that check plumbing, equality between paths or faults rather than quality."""

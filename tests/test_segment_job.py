@@ -156,6 +156,25 @@ def test_archive_on_s3_to_s3_gives_the_same_masks(ray_local, synthetic_root, mod
     assert rows.column("source_uri")[0].as_py().startswith("tar://") and storage.exists(f"{out}/manifest.json")
 
 
+def test_a_model_on_an_explicit_s3_endpoint_is_read_with_the_jobs_s3_options(ray_local, synthetic_root,
+                                                                           explicit_s3_model, tmp_path):
+    """`brainseg segment --s3-endpoint URL` with an s3:// model: the driver's check of the model and
+    the Segmenters read it through the job's S3 options, not the AWS environment."""
+    from brainseg_ray.cli import main
+
+    uri, s3 = explicit_s3_model
+    src = tmp_path / "kaggle_3m"
+    src.mkdir()
+    patient = sorted(p for p in synthetic_root.iterdir() if p.is_dir())[0]
+    (src / patient.name).symlink_to(patient, target_is_directory=True)
+    out = tmp_path / "out"
+    assert main(["segment", "--model", uri, "--input", str(src), "--output", str(out),
+                 "--s3-endpoint", s3.endpoint_url, "segmenter.precision=fp32"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["uri"] == uri and manifest["counts"]["error"] == 0
+    assert manifest["counts"]["ok"] == len([p for p in patient.glob("*.tif") if not p.stem.endswith("_mask")])
+
+
 # Fault injection: a model and options slow enough (256 px input, flip TTA, one patient per task)
 # that a kill lands while tasks are still to run.
 SLOW = ["segmenter.tta=true", "slices_per_task=8", "segmenter.precision=fp32", "segmenter.min_component_px=3"]

@@ -293,3 +293,15 @@ def test_init_from_starts_training_at_the_artifact(learning_data, trained_run, t
     # (Ray's own workers of the run above may still log to stderr; the job's error is one line.)
     line = next(l for l in err.splitlines() if l.startswith("brainseg train: error:"))
     assert code == 2 and "init_from" in line and "'base_filters': 8" in line
+
+
+def test_init_from_reads_an_s3_model_with_the_runs_s3_options(explicit_s3_model, tmp_path):
+    """init_from on a custom S3 endpoint (MinIO, moto) is read through the run's s3 options: the
+    refusal of a mismatched model quotes the artifact's own settings, so it was read."""
+    from brainseg_ray.train.trainer import TrainingError, train
+
+    uri, s3 = explicit_s3_model  # a plain U-Net of base_filters 4
+    cfg = TrainConfig(data=str(tmp_path / "dataset"), out=str(tmp_path / "run"), model="unet", base_filters=8,
+                      init_from=uri, s3=s3)
+    with pytest.raises(TrainingError, match="'base_filters': 4"):
+        train(cfg)

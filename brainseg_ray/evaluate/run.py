@@ -45,13 +45,13 @@ class SliceScorer:
     """Ray Data actor: a Segmenter loaded once (the batch job's and Serve's prediction and
     post-processing), scoring batches of slices at its threshold and at each sweep threshold."""
 
-    def __init__(self, segmenter: SegmenterConfig, thresholds: list[float]):
+    def __init__(self, segmenter: SegmenterConfig, thresholds: list[float], s3: storage.S3Options):
         from brainseg_ray.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         from brainseg_ray.inference.segmenter import Segmenter
 
-        self.segmenter = Segmenter(segmenter)
+        self.segmenter = Segmenter(segmenter, s3=s3)
         self.thresholds = list(thresholds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -127,7 +127,7 @@ def evaluate(cfg: EvaluateConfig):
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     patients = select_patients(cfg, list(tumour_slices_by_patient(cfg.data, cfg.s3)))
-    artifacts = [load_artifact(uri) for uri in cfg.models]  # fail fast, before any Ray work
+    artifacts = [load_artifact(uri, cfg.s3) for uri in cfg.models]  # fail fast, before any Ray work
     names = _model_names(cfg.models, [a.metadata["architecture"] for a in artifacts])
     cpus = _actor_cpus(cfg)
     dataset = patients_dataset(cfg.data, cfg.s3, patients).materialize() if len(cfg.models) > 1 else \
@@ -141,7 +141,7 @@ def evaluate(cfg: EvaluateConfig):
                                     largest_component_3d=cfg.largest_component_3d,
                                     keep_3d_fraction=cfg.keep_3d_fraction, tta=cfg.tta,
                                     precision=cfg.precision, use_gpu=cfg.use_gpu or None, threads=max(1, int(cpus)))
-        scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds),
+        scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds, s3=cfg.s3),
                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                        num_cpus=cpus, num_gpus=1 if cfg.use_gpu else 0)
         driver_segmenter = Segmenter(segmenter, artifact)  # for the gallery; its options are the actors' too

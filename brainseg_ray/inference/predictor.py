@@ -13,6 +13,7 @@ import torch
 from brainseg_ray.devices import autocast, inference_batch_size, pick_device, resolve_precision
 from brainseg_ray.models.artifact import ModelArtifact, load_artifact
 from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities
+from brainseg_ray.storage import S3Options
 
 
 class Predictor:
@@ -34,8 +35,8 @@ class Predictor:
         self.model = model.to(memory_format=torch.channels_last) if channels_last else model
 
     @classmethod
-    def load(cls, uri: str, **kwargs) -> Predictor:
-        return cls(load_artifact(uri), **kwargs)
+    def load(cls, uri: str, s3: S3Options | None = None, **kwargs) -> Predictor:
+        return cls(load_artifact(uri, s3), **kwargs)
 
     @torch.inference_mode()
     def logits(self, images: np.ndarray) -> torch.Tensor:

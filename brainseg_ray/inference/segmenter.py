@@ -17,6 +17,7 @@ from brainseg_ray.inference.postprocess import Findings, PostprocessOptions, fin
 from brainseg_ray.inference.predictor import Predictor
 from brainseg_ray.models.artifact import ModelArtifact, load_artifact
 from brainseg_ray.rendering import OVERLAY_STYLES, overlay
+from brainseg_ray.storage import S3Options
 
 
 @dataclass
@@ -27,13 +28,15 @@ class SliceSegmentation:
 
 
 class Segmenter:
-    def __init__(self, cfg: SegmenterConfig, artifact: ModelArtifact | None = None):
+    def __init__(self, cfg: SegmenterConfig, artifact: ModelArtifact | None = None,
+                 s3: S3Options | None = None):
+        """`artifact`: cfg.model already loaded; else cfg.model is loaded, an s3:// one through `s3`."""
         if cfg.overlay_style not in OVERLAY_STYLES:
             raise ValueError(f"unknown overlay_style {cfg.overlay_style!r}; expected one of {', '.join(OVERLAY_STYLES)}")
         if artifact is None:
             if not cfg.model:
                 raise ValueError("the segmenter needs a model artifact (model=...)")
-            artifact = load_artifact(cfg.model)
+            artifact = load_artifact(cfg.model, s3)
         self.cfg = cfg
         self.predictor = Predictor(artifact, use_gpu="auto" if cfg.use_gpu is None else cfg.use_gpu,
                                    precision=cfg.precision, channels_last=cfg.channels_last,

@@ -70,6 +70,7 @@ def save_artifact(
     input_size: int = IMAGE_SIZE,
     postprocess: dict | None = None,
     extra: dict | None = None,
+    s3: storage.S3Options | None = None,
 ) -> str:
     """Write `model`'s weights and model.json under `uri`; returns the artifact's version.
 
@@ -77,6 +78,7 @@ def save_artifact(
     output back to the slice's size (models/inputs.py). `postprocess` (min_component_px,
     largest_component_3d) is the post-processing chosen with the threshold, which a Segmenter
     applies unless told otherwise. `extra` adds top-level keys (e.g. where an export came from).
+    `s3` reaches an s3:// `uri` (by default the AWS environment's endpoint and region).
     """
     for key in ("mean", "std"):
         values = normalisation.get(key)
@@ -113,19 +115,19 @@ def save_artifact(
     meta_uri = storage.join(uri, METADATA_FILE)
     # Remove an older model.json first, so a crash below leaves an incomplete artifact rather
     # than old metadata beside new weights.
-    if storage.exists(meta_uri):
-        fs, path = storage.filesystem(meta_uri)
+    if storage.exists(meta_uri, s3):
+        fs, path = storage.filesystem(meta_uri, s3)
         fs.rm(path)
-    storage.write_bytes(storage.join(uri, weights_file), data)
-    storage.write_bytes(meta_uri, text.encode())
+    storage.write_bytes(storage.join(uri, weights_file), data, s3)
+    storage.write_bytes(meta_uri, text.encode(), s3)
     return version
 
 
-def load_artifact(uri: str) -> ModelArtifact:
+def load_artifact(uri: str, s3: storage.S3Options | None = None) -> ModelArtifact:
     """The model under `uri` (or `reference`: the shipped model), in eval mode, float32 on CPU,
-    with its metadata."""
+    with its metadata. `s3` reaches an s3:// `uri` (by default the AWS environment's endpoint)."""
     uri = _resolve(uri)
-    metadata = _read_metadata(uri)
+    metadata = _read_metadata(uri, s3)
     fields = dict(metadata.get("model") or {})
     fields["name"] = metadata.get("architecture", fields.get("name"))
     known = {f.name for f in dataclasses.fields(ModelSpec)} - {"encoder_weights_path", "encoder_weights"}
@@ -137,7 +139,7 @@ def load_artifact(uri: str) -> ModelArtifact:
     except ValueError as exc:
         raise ArtifactError(uri, f"unknown architecture: {exc}") from exc
 
-    weights_file, data = _verified_weights(uri, metadata)
+    weights_file, data = _verified_weights(uri, metadata, s3)
     state = _deserialise(uri, data, weights_file)
     _load_state(uri, spec.name, model, state)
     model.float().eval()
@@ -145,7 +147,8 @@ def load_artifact(uri: str) -> ModelArtifact:
 
 
 def resave_artifact(artifact: ModelArtifact, out: str, *, half: bool = False, threshold: float | None = None,
-                    postprocess: dict | None = None, training: dict | None = None, extra: dict | None = None) -> str:
+                    postprocess: dict | None = None, training: dict | None = None, extra: dict | None = None,
+                    s3: storage.S3Options | None = None) -> str:
     """A loaded artifact saved again under `out`, with its metadata (normalisation, threshold,
     post-processing, training record, data fingerprint, metrics, input size), optionally in
     float16 and with what is given replaced: `postprocess` merges into the recorded choice,
@@ -157,28 +160,30 @@ def resave_artifact(artifact: ModelArtifact, out: str, *, half: bool = False, th
         threshold=meta.get("threshold", 0.5) if threshold is None else threshold,
         training=meta.get("training") if training is None else training,
         data_fingerprint=meta.get("data_fingerprint"), metrics=meta.get("metrics"), half=half,
-        input_size=meta["input"]["size"], postprocess=chosen or None, extra=extra)
+        input_size=meta["input"]["size"], postprocess=chosen or None, extra=extra, s3=s3)
 
 
 def export_artifact(source: str, out: str, *, half: bool = False, threshold: float | None = None,
-                    postprocess: dict | None = None, card: str | None = None) -> str:
+                    postprocess: dict | None = None, card: str | None = None,
+                    s3: storage.S3Options | None = None) -> str:
     """A copy of the artifact at `source` under `out`, optionally in float16 and with a chosen
     threshold and post-processing; `card` (a Markdown file) is copied beside it as MODEL_CARD.md.
     Its training record and metrics are kept; `exported_from` names the source. Returns the version."""
-    artifact = load_artifact(source)
+    artifact = load_artifact(source, s3)
     if card:
-        storage.write_bytes(storage.join(out, CARD_FILE), storage.read_bytes(card))
+        storage.write_bytes(storage.join(out, CARD_FILE), storage.read_bytes(card, s3), s3)
     return resave_artifact(artifact, out, half=half, threshold=threshold, postprocess=postprocess,
-                           extra={"exported_from": {"uri": source, "version": artifact.metadata.get("version", "")}})
+                           extra={"exported_from": {"uri": source, "version": artifact.metadata.get("version", "")}},
+                           s3=s3)
 
 
-def check_artifact(uri: str) -> dict:
+def check_artifact(uri: str, s3: storage.S3Options | None = None) -> dict:
     """The artifact's metadata, once its model.json is readable and its weights match their
     SHA-256; cheaper than load_artifact (no model is built), for a driver that only hands the
     URI on to workers but should refuse a bad artifact before starting them."""
     uri = _resolve(uri)
-    metadata = _read_metadata(uri)
-    _verified_weights(uri, metadata)
+    metadata = _read_metadata(uri, s3)
+    _verified_weights(uri, metadata, s3)
     return metadata
 
 
@@ -191,13 +196,13 @@ def _resolve(uri: str) -> str:
         raise ArtifactError(uri, str(exc)) from None
 
 
-def _verified_weights(uri: str, metadata: dict) -> tuple[str, bytes]:
+def _verified_weights(uri: str, metadata: dict, s3: storage.S3Options | None) -> tuple[str, bytes]:
     weights_file = metadata.get("weights_file", SAFETENSORS_FILE)
     if weights_file not in (SAFETENSORS_FILE, TORCH_FILE):
         raise ArtifactError(uri, f"unsupported weights_file {weights_file!r}")
     weights_uri = storage.join(uri, weights_file)
     try:
-        data = storage.read_bytes(weights_uri)
+        data = storage.read_bytes(weights_uri, s3)
     except (storage.StorageError, OSError) as exc:
         raise ArtifactError(uri, f"cannot read {weights_file}: {exc}") from exc
     expected = metadata.get("weights_sha256")
@@ -206,17 +211,17 @@ def _verified_weights(uri: str, metadata: dict) -> tuple[str, bytes]:
     return weights_file, data
 
 
-def _read_metadata(uri: str) -> dict:
+def _read_metadata(uri: str, s3: storage.S3Options | None) -> dict:
     meta_uri = storage.join(uri, METADATA_FILE)
     try:
-        present = storage.exists(meta_uri)
+        present = storage.exists(meta_uri, s3)
     except storage.StorageError as exc:
         raise ArtifactError(uri, str(exc)) from exc
     if not present:
-        where = "no such directory" if not storage.is_s3(uri) and not storage.exists(uri) else f"no {METADATA_FILE}"
+        where = "no such directory" if not storage.is_s3(uri) and not storage.exists(uri, s3) else f"no {METADATA_FILE}"
         raise ArtifactError(uri, f"{where} (not an artifact, or one not completely written)")
     try:
-        metadata = json.loads(storage.read_bytes(meta_uri))
+        metadata = json.loads(storage.read_bytes(meta_uri, s3))
     except (ValueError, storage.StorageError, OSError) as exc:
         raise ArtifactError(uri, f"unreadable {METADATA_FILE}: {exc}") from exc
     if not isinstance(metadata, dict):

@@ -48,7 +48,8 @@ class SegmenterDeployment:
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this replica holds.
         threads = cfg.segmenter.threads or max(1, math.floor(cfg.cpus_per_replica))
         # One slice per request: a model's per-patient 3-D post-processing cannot apply here.
-        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads, largest_component_3d=False))
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads, largest_component_3d=False),
+                                   s3=cfg.s3)
         self.cfg = cfg
         self.segment.set_max_batch_size(cfg.max_batch_size)
         self.segment.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -160,10 +161,6 @@ def build(cfg: ServeConfig) -> Application:
     settings.check(cfg)
     scaling = dataclasses.asdict(cfg.autoscaling)
     actor_options: dict = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
-    env = {name: value for name, value in (("AWS_ENDPOINT_URL_S3", cfg.s3.endpoint_url),
-                                           ("AWS_REGION", cfg.s3.region)) if value}
-    if env:  # an explicit S3 endpoint reaches the replicas that load the model
-        actor_options["runtime_env"] = {"env_vars": env}
     segmenter = SegmenterDeployment.options(
         autoscaling_config=scaling, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=actor_options,

@@ -305,7 +305,7 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     if not cfg.init_from:
         return None, None
     try:
-        artifact = load_artifact(cfg.init_from)  # `reference` included
+        artifact = load_artifact(cfg.init_from, cfg.s3)  # `reference` included
     except ArtifactError as exc:
         raise TrainingError(f"init_from: {exc}") from None
     mine, theirs = model_settings(spec), model_settings(artifact.spec)
@@ -329,7 +329,7 @@ def _finish(cfg: TrainConfig, result) -> TrainResult:
     with checkpoint.as_directory() as folder:
         artifact = load_artifact(folder)
     resave_artifact(artifact, model_uri, half=cfg.half_weights,
-                    training={**artifact.metadata["training"], "epoch": metrics["epoch"]})
+                    training={**artifact.metadata["training"], "epoch": metrics["epoch"]}, s3=cfg.s3)
     history = read_history(cfg.out, cfg.s3)
     returned = result.return_value or {}
     progress = returned.get("progress") or {}
