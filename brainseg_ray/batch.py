@@ -37,6 +37,7 @@ from brainseg_ray import storage
 from brainseg_ray.config import SegmentJobConfig, to_dict
 from brainseg_ray.runtime import default_cpus_per_actor
 from brainseg_ray.data.catalog import Catalog, SliceRecord, build_catalog
+from brainseg_ray.data.tasks import map_tasks, tasks_in
 
 PARTS_DIR = "_parts"
 JOB_FILE = "job.json"
@@ -158,11 +159,8 @@ class TaskRunner:
         self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads), s3=cfg.s3)
 
     def __call__(self, batch: dict) -> dict:
-        import pickle
-
         ids = []
-        for blob in batch["task"]:
-            task = pickle.loads(blob)
+        for task in tasks_in(batch):
             self.run(task)
             ids.append(task.task_id)
         return {"task_id": np.array(ids)}
@@ -239,8 +237,6 @@ def _finished_tasks(cfg: SegmentJobConfig) -> set[str]:
 
 def segment(cfg: SegmentJobConfig) -> SegmentResult:
     """Run the bulk job (Ray must be initialised)."""
-    import pickle
-
     import ray
 
     from brainseg_ray.models.artifact import check_artifact
@@ -262,10 +258,9 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
         if cfg.cpus_per_actor is None:
             cfg = dataclasses.replace(cfg, cpus_per_actor=default_cpus_per_actor(cfg.concurrency))
         ray.data.DataContext.get_current().enable_progress_bars = False
-        items = [{"task": pickle.dumps(t)} for t in todo]
-        finished = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            TaskRunner, fn_constructor_kwargs={"cfg": cfg, "sources": catalog.sources}, batch_size=1,
-            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        finished = map_tasks(
+            todo, TaskRunner, fn_constructor_kwargs={"cfg": cfg, "sources": catalog.sources},
+            compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
             num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
         for _ in finished.iter_batches(batch_size=None):
             pass

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import math
-import pickle
 import sys
 import time
 import zlib
@@ -35,6 +34,7 @@ from brainseg_ray.config import IngestConfig, to_dict
 from brainseg_ray.data import schema, tables
 from brainseg_ray.data.catalog import Catalog, SliceRecord, build_catalog, clinical_for
 from brainseg_ray.data.decode import SliceError, read_pixels, to_image, to_mask
+from brainseg_ray.data.tasks import map_tasks, tasks_in
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -180,7 +180,7 @@ def plan_tasks(catalog: Catalog, slices_per_task: int, tasks_per_archive: int) -
 def _ingest_batch(batch: dict, sources, out, s3, clinical_types, compression, compression_level) -> pa.Table:
     results = [
         run_task(task, sources[task.source], out, s3, clinical_types, compression, compression_level)
-        for task in (pickle.loads(payload) for payload in batch["task"])
+        for task in tasks_in(batch)
     ]
     return pa.concat_tables(results)
 
@@ -266,8 +266,6 @@ def list_sources(cfg: IngestConfig) -> Catalog:
 def ingest(cfg: IngestConfig, catalog: Catalog | None = None) -> IngestResult:
     """Run the ingest job (Ray must be initialised); returns counts and the manifest. `catalog` is
     list_sources' result when the caller listed the sources already (the CLI does)."""
-    import ray
-
     started = time.time()
     if catalog is None:
         catalog = list_sources(cfg)
@@ -277,11 +275,9 @@ def ingest(cfg: IngestConfig, catalog: Catalog | None = None) -> IngestResult:
     tasks = plan_tasks(catalog, cfg.slices_per_task, cfg.tasks_per_archive)
     rows = [_error_row(r, r.uri, r.error_code, f"{r.uri}: {r.error}") for r in catalog.rejected()]
     if tasks:
-        items = [{"task": pickle.dumps(t)} for t in tasks]
-        dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        dataset = map_tasks(
+            tasks,
             _ingest_batch,
-            batch_size=1,
-            batch_format="numpy",
             fn_kwargs=dict(sources=catalog.sources, out=cfg.out, s3=cfg.s3,
                            clinical_types=catalog.clinical_types, compression=cfg.parquet_compression,
                            compression_level=cfg.parquet_compression_level),
