@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from brainseg_ray import storage
 from brainseg_ray.config import SegmentJobConfig, to_dict
-from brainseg_ray.runtime import default_cpus_per_actor
+from brainseg_ray.runtime import cpus_per_actor
 from brainseg_ray.data.catalog import Catalog, SliceRecord, build_catalog
 from brainseg_ray.data.tasks import map_tasks, tasks_in
 
@@ -255,8 +255,7 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
     print(f"segment: {catalog.found} slice files, {len(tasks)} tasks ({len(mine) - len(todo)} of this "
           f"shard's {len(mine)} already done)", file=sys.stderr)
     if todo:
-        if cfg.cpus_per_actor is None:
-            cfg = dataclasses.replace(cfg, cpus_per_actor=default_cpus_per_actor(cfg.concurrency))
+        cfg = dataclasses.replace(cfg, cpus_per_actor=cpus_per_actor(cfg.concurrency, cfg.cpus_per_actor))
         ray.data.DataContext.get_current().enable_progress_bars = False
         finished = map_tasks(
             todo, TaskRunner, fn_constructor_kwargs={"cfg": cfg, "sources": catalog.sources},

@@ -26,13 +26,23 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
-def default_cpus_per_actor(count: int, cap: int | None = None) -> float:
-    """CPUs for each of `count` actors or workers when the user gives none: the cluster's CPUs shared
-    out, but never more than the largest alive node has (an actor lives on one node; asking for more
-    leaves it pending forever on a cluster of small nodes), nor more than `cap`."""
+def cpus_per_actor(count: int, asked: float | None = None, *, cap: int | None = None,
+                   keep_free: float = 0.0) -> float:
+    """CPUs for each of `count` actors or workers of a job: the one policy of every job.
+
+    `asked` (the user's setting) is taken as given, except that with `keep_free` it shrinks until
+    that many CPUs stay for the job's other stages (evaluation's read tasks), though never below
+    half a CPU. Not asked: the cluster's CPUs, less `keep_free`, shared out in whole CPUs, but never
+    more than the largest alive node has (an actor lives on one node; asking for more leaves it
+    pending forever on a cluster of small nodes), nor more than `cap`; at least one.
+    """
+    if asked and not keep_free:
+        return float(asked)
     import ray
 
     total = ray.cluster_resources().get("CPU", 1)
+    if asked:
+        return max(0.5, min(float(asked), (total - keep_free) / max(count, 1)))
     largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=total)
-    share = int(total // max(count, 1))
+    share = int((total - keep_free) // max(count, 1))
     return float(max(1, min(share, int(largest), cap or share)))

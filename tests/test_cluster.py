@@ -339,7 +339,7 @@ def test_two_nodes_with_token_auth(cluster):
 
 def test_default_cpus_fit_on_one_node(cluster):
     """Two nodes of one CPU: the cluster has 2, but one actor or worker can hold only 1."""
-    code = ("import ray; from brainseg_ray.runtime import default_cpus_per_actor as d; "
+    code = ("import ray; from brainseg_ray.runtime import cpus_per_actor as d; "
             f"ray.init(address={cluster.gcs_address!r}); print(d(1), d(2))")
     out = cluster.run("python", "-c", code, timeout=120)
     assert out.stdout.split()[-2:] == ["1.0", "1.0"], out.stdout + out.stderr

@@ -229,6 +229,19 @@ def test_per_slice_loss_by_hand():
 
 @pytest.mark.parametrize("count,cap,expected", [(1, None, 2), (2, None, 1), (3, None, 1), (1, 1, 1)])
 def test_default_cpus_per_actor_shares_the_cluster_within_one_node(ray_local, count, cap, expected):
-    from brainseg_ray.runtime import default_cpus_per_actor
+    from brainseg_ray.runtime import cpus_per_actor
 
-    assert default_cpus_per_actor(count, cap=cap) == expected  # the test instance: one node of 2 CPUs
+    assert cpus_per_actor(count, cap=cap) == expected  # the test instance: one node of 2 CPUs
+
+
+@pytest.mark.parametrize("count,asked,keep_free,expected", [
+    (1, 1.5, 0, 1.5),  # asked: as given
+    (1, 1.5, 1, 1.0),  # evaluation leaves one of the 2 CPUs to its read stage
+    (2, 1.0, 1, 0.5),
+    (3, 1.0, 1, 0.5),  # never below half a CPU
+    (1, None, 1, 1.0),  # not asked: the CPUs left, shared out
+])
+def test_cpus_per_actor_asked_and_kept_free(ray_local, count, asked, keep_free, expected):
+    from brainseg_ray.runtime import cpus_per_actor
+
+    assert cpus_per_actor(count, asked, keep_free=keep_free) == expected

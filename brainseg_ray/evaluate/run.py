@@ -22,6 +22,7 @@ from brainseg_ray.data.split import read_split_file
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
 from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
 from brainseg_ray.evaluate.report import write_report
+from brainseg_ray.runtime import cpus_per_actor
 from brainseg_ray.train.losses import per_slice_bce_dice
 from brainseg_ray.train.metrics import pixel_counts, slice_counts
 
@@ -106,15 +107,6 @@ def _model_names(uris: list[str], architectures: list[str]) -> list[str]:
     return names if len(set(names)) == len(names) else [f"{n} [{i + 1}]" for i, n in enumerate(names)]
 
 
-def _actor_cpus(cfg: EvaluateConfig) -> float:
-    """CPUs per predictor actor, leaving at least one CPU free for the read stage."""
-    import ray
-
-    total = ray.cluster_resources().get("CPU", 1)
-    room = (total - 1) / max(cfg.concurrency, 1)
-    return max(0.5, min(cfg.cpus_per_actor, room)) if room > 0 else 0.5
-
-
 def evaluate(cfg: EvaluateConfig):
     """Run the evaluate job (Ray must be initialised); writes the report under cfg.out."""
     from brainseg_ray.inference.segmenter import Segmenter
@@ -129,7 +121,7 @@ def evaluate(cfg: EvaluateConfig):
     patients = select_patients(cfg, list(tumour_slices_by_patient(cfg.data, cfg.s3)))
     artifacts = [load_artifact(uri, cfg.s3) for uri in cfg.models]  # fail fast, before any Ray work
     names = _model_names(cfg.models, [a.metadata["architecture"] for a in artifacts])
-    cpus = _actor_cpus(cfg)
+    cpus = cpus_per_actor(cfg.concurrency, cfg.cpus_per_actor, keep_free=1)  # a CPU left for the read stage
     dataset = patients_dataset(cfg.data, cfg.s3, patients).materialize() if len(cfg.models) > 1 else \
         patients_dataset(cfg.data, cfg.s3, patients)
 

@@ -159,14 +159,6 @@ def _check_config(cfg: TrainConfig) -> None:
             raise TrainingError(message)
 
 
-def _cpus_per_worker(cfg: TrainConfig) -> float:
-    from brainseg_ray.runtime import default_cpus_per_actor
-
-    if cfg.cpus_per_worker:
-        return cfg.cpus_per_worker
-    return default_cpus_per_actor(cfg.num_workers, cap=8)
-
-
 def _run_config(cfg: TrainConfig):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
 
@@ -220,6 +212,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.models.inputs import normalisation_from_profile
     from brainseg_ray.models.registry import has_unused_parameters
+    from brainseg_ray.runtime import cpus_per_actor
 
     _check_config(cfg)
     if not storage.is_s3(cfg.out):
@@ -248,7 +241,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if per_worker < cfg.batch_size:
         raise TrainingError(f"{n_train} training slices give {per_worker} per worker, fewer than batch_size "
                             f"{cfg.batch_size}; lower batch_size or num_workers")
-    cpus = _cpus_per_worker(cfg)
+    cpus = cpus_per_actor(cfg.num_workers, cfg.cpus_per_worker, cap=8)
     config = to_dict(cfg)
     steps_per_epoch = per_worker // cfg.batch_size
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
