@@ -10,14 +10,7 @@ def model_or_untrained(model: str | None, arch: str, workdir: str) -> str:
     (speed does not depend on the weights)."""
     if model:
         return model
-    import torch
+    from brainseg_ray.models.artifact import save_untrained_artifact
+    from brainseg_ray.models.spec import ModelSpec
 
-    from brainseg_ray.models.artifact import save_artifact
-    from brainseg_ray.models.inputs import DEFAULT_NORMALISATION
-    from brainseg_ray.models.registry import ModelSpec, build_model
-
-    torch.manual_seed(0)
-    spec = ModelSpec(arch)
-    uri = os.path.join(workdir, "model")
-    save_artifact(uri, build_model(spec).eval(), spec, normalisation={k: DEFAULT_NORMALISATION[k] for k in ("mean", "std")})
-    return uri
+    return save_untrained_artifact(os.path.join(workdir, "model"), ModelSpec(arch))

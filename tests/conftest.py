@@ -92,19 +92,15 @@ def explicit_s3_model(s3_bucket, tmp_path, monkeypatch) -> tuple[str, object]:
 def tiny_artifact(path: Path, seed: int = 0, base_filters: int = 4, input_size: int = 64) -> str:
     """An untrained plain U-Net artifact (fixed weights for a seed): fast, and enough for tests
     that check plumbing, equality between paths or faults rather than quality."""
-    import torch
-
     from brainseg_ray.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from brainseg_ray.models.artifact import save_artifact
-    from brainseg_ray.models.registry import ModelSpec, build_model
+    from brainseg_ray.models.artifact import save_untrained_artifact
+    from brainseg_ray.models.spec import ModelSpec
 
-    torch.manual_seed(seed)
-    spec = ModelSpec("unet", base_filters=base_filters)
-    save_artifact(str(path), build_model(spec).eval(), spec, normalisation={"mean": [0.1] * 3, "std": [0.2] * 3},
-                  threshold=0.499, input_size=input_size)
-    return str(path)
+    return save_untrained_artifact(str(path), ModelSpec("unet", base_filters=base_filters), seed=seed,
+                                   normalisation={"mean": [0.1] * 3, "std": [0.2] * 3}, threshold=0.499,
+                                   input_size=input_size)
 
 
 @pytest.fixture(scope="session")

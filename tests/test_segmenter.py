@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.config import SegmenterConfig
 from brainseg_ray.inference.postprocess import PostprocessOptions, findings, postprocess
 from brainseg_ray.inference.segmenter import Segmenter
-from brainseg_ray.models.artifact import save_artifact
-from brainseg_ray.models.registry import ModelSpec, build_model
+from brainseg_ray.models.artifact import save_untrained_artifact
+from brainseg_ray.models.spec import ModelSpec
 
 ensure_torchvision_importable()
 NORMALISATION = {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]}
@@ -19,11 +18,8 @@ NORMALISATION = {"mean": [0.1, 0.1, 0.1], "std": [0.2, 0.2, 0.2]}
 
 @pytest.fixture(scope="module")
 def artifact_uri(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    spec = ModelSpec("unet", base_filters=4)
-    uri = str(tmp_path_factory.mktemp("seg") / "model")
-    save_artifact(uri, build_model(spec).eval(), spec, normalisation=NORMALISATION, threshold=0.5, input_size=64)
-    return uri
+    return save_untrained_artifact(str(tmp_path_factory.mktemp("seg") / "model"), ModelSpec("unet", base_filters=4),
+                                   seed=0, normalisation=NORMALISATION, threshold=0.5, input_size=64)
 
 
 @pytest.fixture(scope="module")

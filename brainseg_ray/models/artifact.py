@@ -123,6 +123,20 @@ def save_artifact(
     return version
 
 
+def save_untrained_artifact(uri: str, spec: ModelSpec, *, seed: int = 0, normalisation: dict | None = None,
+                            threshold: float = 0.5, input_size: int = IMAGE_SIZE) -> str:
+    """A freshly initialised model of `spec` (the same weights for a seed) saved under `uri`, for
+    tests and benchmarks of plumbing, faults and speed, which do not depend on the weights.
+    `normalisation` (mean and std) defaults to models/inputs.py's. Returns `uri`."""
+    from brainseg_ray.models.inputs import DEFAULT_NORMALISATION
+
+    torch.manual_seed(seed)
+    normalisation = normalisation or {k: DEFAULT_NORMALISATION[k] for k in ("mean", "std")}
+    save_artifact(uri, build_model(spec).eval(), spec, normalisation=normalisation, threshold=threshold,
+                  input_size=input_size)
+    return uri
+
+
 def load_artifact(uri: str, s3: storage.S3Options | None = None) -> ModelArtifact:
     """The model under `uri` (or `reference`: the shipped model), in eval mode, float32 on CPU,
     with its metadata. `s3` reaches an s3:// `uri` (by default the AWS environment's endpoint)."""
