@@ -258,39 +258,55 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        node = data
-        *parents, leaf = key.strip().split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        set_setting(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     return data
+
+
+def set_setting(data: dict, dotted: str, value: Any) -> None:
+    """`value` at the dotted key `a.b.c` of a nested mapping; a mapping merges into the section
+    already there (as `merge_into` does)."""
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"setting {dotted}: {part} is not a section")
+    merge_into(node, {leaf: value})
+
+
+def merge_into(data: dict, values: dict) -> None:
+    """`values` into `data`, section by section: a flag that sets one nested field (--model is
+    segmenter.model) keeps the file's others."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            merge_into(data[key], value)
+        else:
+            data[key] = value
+
+
+def read_mapping(path: str) -> dict:
+    """A YAML file's top-level mapping (local or s3://)."""
+    from brainseg_ray.storage import read_bytes
+
+    loaded = yaml.safe_load(read_bytes(path)) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def config_from_mapping(cls: type[T], data: dict, overrides: list[str] | None = None, **values: Any) -> T:
+    """`data` (a file's settings) < keyword values (from CLI flags; None: not given) < key=value
+    overrides, as a `cls`."""
+    data = dict(data)
+    merge_into(data, {k: v for k, v in values.items() if v is not None})
+    apply_overrides(data, overrides or [])
+    return from_dict(cls, data)
 
 
 def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
                 **values: Any) -> T:
     """Defaults < YAML file < keyword values (from CLI flags) < key=value overrides."""
-    data: dict = {}
-    if path:
-        from brainseg_ray.storage import read_bytes
-
-        loaded = yaml.safe_load(read_bytes(path)) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data.update(loaded)
-    _merge_into(data, {k: v for k, v in values.items() if v is not None})
-    apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
-
-
-def _merge_into(data: dict, values: dict) -> None:
-    # A flag that sets one nested field (--model is segmenter.model) keeps the file's others.
-    for key, value in values.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            _merge_into(data[key], value)
-        else:
-            data[key] = value
+    return config_from_mapping(cls, read_mapping(path) if path else {}, overrides, **values)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """ServeConfig from wherever it is given: the application builder's `args` (serve_config.yaml or
 `serve run brainseg_ray.serve.app:app key=value`), a config file, and `brainseg serve` flags.
 
-Defaults live in config.ServeConfig; this module only gathers and checks what overrides them.
+Defaults live in config.ServeConfig and the merging of settings in config.py; this module only
+knows what is particular to Serve (a Serve config file's application args, the builder's `model=`
+and text-only values) and checks the result.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from brainseg_ray.config import ConfigError, ServeConfig, apply_overrides, from_dict
+from brainseg_ray.config import ConfigError, ServeConfig, config_from_mapping, from_dict, read_mapping, set_setting
 
 IMPORT_PATH = "brainseg_ray.serve.app:app"
 
@@ -30,14 +32,9 @@ def load(path: str | None = None, overrides: list[str] | None = None, *, model: 
          host: str | None = None, port: int | None = None) -> ServeConfig:
     """`brainseg serve`: defaults < the file (a ServeConfig mapping, or a Serve config file like
     serve_config.yaml: its brainseg application's args and its http_options) < flags < key=value."""
-    data: dict = {}
-    if path:
-        data = _read_file(path)
-    if model:
-        data = {**data, "segmenter": {**(data.get("segmenter") or {}), "model": model}}
-    data.update({k: v for k, v in (("host", host), ("port", port)) if v is not None})
-    apply_overrides(data, overrides or [])
-    return check(from_dict(ServeConfig, data))
+    data = _read_file(path) if path else {}
+    segmenter = {"model": model} if model else None
+    return check(config_from_mapping(ServeConfig, data, overrides, segmenter=segmenter, host=host, port=port))
 
 
 def check(cfg: ServeConfig) -> ServeConfig:
@@ -68,11 +65,7 @@ def resolve_token(cfg: ServeConfig) -> str | None:
 
 
 def _read_file(path: str) -> dict:
-    from brainseg_ray.storage import read_bytes
-
-    loaded = yaml.safe_load(read_bytes(path)) or {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    loaded = read_mapping(path)
     if "applications" not in loaded:
         return loaded
     apps = [a for a in loaded.get("applications") or [] if a.get("import_path") == IMPORT_PATH]
@@ -87,20 +80,13 @@ def _read_file(path: str) -> dict:
 
 
 def _merge_args(data: dict, args: dict) -> dict:
+    """The builder's args onto `data`: `model` is segmenter.model, and text (all the command line
+    gives) is read as YAML unless the setting holds text."""
     for key, value in args.items():
         key = "segmenter.model" if key == "model" else key
         if isinstance(value, str) and not _is_text_field(ServeConfig, key):
             value = yaml.safe_load(value) if value.strip() else None
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"setting {key}: {part} is not a section")
-        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
-            node[leaf] = {**node[leaf], **value}
-        else:
-            node[leaf] = value
+        set_setting(data, key, value)
     return data
 
 
