@@ -140,7 +140,7 @@ def main() -> int:
     from brainseg_ray.devices import pick_device, resolve_precision
     from brainseg_ray.runtime import init_ray
 
-    precision = resolve_precision(args.precision, pick_device("auto"))
+    precision = resolve_precision(args.precision, pick_device(None))
     init_ray(RayConfig())
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         work = Path(tmp)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from brainseg_ray import storage
 from brainseg_ray.config import SegmentJobConfig, to_dict
-from brainseg_ray.runtime import cpus_per_actor
+from brainseg_ray.runtime import cpus_per_actor, gpus_per_actor
 from brainseg_ray.data.catalog import Catalog, SliceRecord, build_catalog
 from brainseg_ray.data.tasks import map_tasks, tasks_in
 
@@ -156,7 +156,8 @@ class TaskRunner:
         self.cfg, self.sources = cfg, sources
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this actor holds.
         self.threads = cfg.segmenter.threads or max(1, int(cfg.cpus_per_actor or 1))
-        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads), s3=cfg.s3)
+        self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=self.threads), s3=cfg.s3,
+                                   use_gpu=cfg.use_gpu)
 
     def __call__(self, batch: dict) -> dict:
         ids = []
@@ -209,7 +210,7 @@ class TaskRunner:
 
 def _job_record(cfg: SegmentJobConfig, version: str, tasks: list[SegmentTask]) -> dict:
     options = {k: v for k, v in to_dict(cfg).items() if k not in ("ray", "s3", "shard", "concurrency",
-                                                                  "cpus_per_actor", "num_gpus_per_actor")}
+                                                                  "cpus_per_actor", "use_gpu", "gpus_per_actor")}
     return {"input": cfg.input, "model_version": version, "options": options, "tasks": len(tasks)}
 
 
@@ -255,12 +256,15 @@ def segment(cfg: SegmentJobConfig) -> SegmentResult:
     print(f"segment: {catalog.found} slice files, {len(tasks)} tasks ({len(mine) - len(todo)} of this "
           f"shard's {len(mine)} already done)", file=sys.stderr)
     if todo:
-        cfg = dataclasses.replace(cfg, cpus_per_actor=cpus_per_actor(cfg.concurrency, cfg.cpus_per_actor))
+        gpus = gpus_per_actor(cfg.use_gpu, cfg.gpus_per_actor)
+        # Decided here for the actors: the CPUs they hold, and a GPU exactly when Ray gives them one.
+        cfg = dataclasses.replace(cfg, cpus_per_actor=cpus_per_actor(cfg.concurrency, cfg.cpus_per_actor),
+                                  use_gpu=gpus > 0)
         ray.data.DataContext.get_current().enable_progress_bars = False
         finished = map_tasks(
             todo, TaskRunner, fn_constructor_kwargs={"cfg": cfg, "sources": catalog.sources},
             compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.num_gpus_per_actor)
+            num_cpus=cfg.cpus_per_actor, num_gpus=gpus)
         for _ in finished.iter_batches(batch_size=None):
             pass
     done = _finished_tasks(cfg)

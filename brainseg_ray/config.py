@@ -23,6 +23,14 @@ class ConfigError(ValueError):
     """A configuration value that does not fit its field; the message names the field."""
 
 
+# GPU settings, the same in every job that runs a model (train, evaluate, segment, serve):
+#   use_gpu      None: GPUs when the cluster has one; false: never; true: required (a cluster
+#                without GPUs leaves the job waiting for one, as an autoscaler would add)
+#   gpus_per_*   with a GPU, the share of one each actor (replica) holds; a fraction shares a
+#                GPU. Training takes one GPU per worker (DDP ranks cannot share one).
+# runtime.gpus_per_actor turns them into Ray's num_gpus.
+
+
 @dataclass
 class RayConfig:
     address: str | None = None  # None: RAY_ADDRESS, a running local cluster, or a new local one
@@ -97,7 +105,7 @@ class TrainConfig:
     half_weights: bool = False  # store the final model in float16 (half the size)
     # resources
     num_workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # a GPU per worker; see GPU settings above
     cpus_per_worker: float | None = None  # None: the cluster's CPUs shared out over the workers
     max_failures: int = 0  # worker failures Ray Train recovers from within one run
     s3: S3Options = field(default_factory=S3Options)
@@ -132,8 +140,9 @@ class EvaluateConfig:
     thresholds: list[float] = field(default_factory=list)  # also score these thresholds: a sweep table
     batch_size: int = 16  # slices per actor call (the forward pass takes the device's own size)
     concurrency: int = 1  # predictor actors per model
-    cpus_per_actor: float = 1.0
-    use_gpu: bool = False
+    cpus_per_actor: float = 1.0  # at most what leaves one CPU to the read stage
+    use_gpu: bool | None = None  # see GPU settings above
+    gpus_per_actor: float = 1.0
     precision: str = "auto"
     worst_slices: int = 12
     s3: S3Options = field(default_factory=S3Options)
@@ -158,7 +167,6 @@ class SegmenterConfig:
     batch_size: int | None = None  # slices per forward pass; None: 16 on a GPU, 2 on a CPU
     precision: str = "auto"
     channels_last: bool = True
-    use_gpu: bool | None = None  # None: a GPU when one is visible
     threads: int | None = None  # torch CPU threads (Ray sets 1 in its workers)
 
 
@@ -172,7 +180,8 @@ class SegmentJobConfig:
     # None: the cluster's CPUs shared out over the actors (tasks read their own files, so no
     # separate read stage needs CPUs left over); also the actors' torch threads
     cpus_per_actor: float | None = None
-    num_gpus_per_actor: float = 0.0
+    use_gpu: bool | None = None  # see GPU settings above
+    gpus_per_actor: float = 1.0
     write_overlays: bool = True
     shard: str | None = None  # "i/n": run every n-th task only (independent submissions)
     s3: S3Options = field(default_factory=S3Options)
@@ -335,7 +344,8 @@ class ServeConfig:
     # Segmenter replicas; also their torch threads (at least 1). Two threads per replica measured
     # nearly 2x faster per request than one on a 2-core machine, where one replica fills it.
     cpus_per_replica: float = 2.0
-    gpus_per_replica: float = 0.0
+    use_gpu: bool | None = None  # see GPU settings above
+    gpus_per_replica: float = 1.0
     max_batch_size: int = 8  # @serve.batch: concurrent requests share one forward pass
     batch_wait_timeout_s: float = 0.004  # a lone request waits this long for company
     max_ongoing_requests: int = 32  # per Segmenter replica (several batches' worth)

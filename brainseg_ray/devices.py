@@ -25,12 +25,13 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def pick_device(use_gpu: bool | str = "auto") -> torch.device:
-    """cuda when asked for (or "auto" and present), else cpu; asking for a missing GPU is an error."""
+def pick_device(use_gpu: bool | None = None) -> torch.device:
+    """cuda when asked for (true) or, with None, when one is visible; cpu with false. Asking for a
+    missing GPU is an error."""
     available = torch.cuda.is_available()
     if use_gpu is True and not available:
         raise ValueError("use_gpu is true but no CUDA GPU is visible to this process")
-    return torch.device("cuda") if (use_gpu is True or (use_gpu == "auto" and available)) else torch.device("cpu")
+    return torch.device("cuda") if (use_gpu is True or (use_gpu is None and available)) else torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -26,6 +26,26 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     ctx.print_on_execution_start = False
 
 
+def job_uses_gpu(use_gpu: bool | None) -> bool:
+    """A job's use_gpu setting decided: true or false as given; None: whether the cluster has a
+    GPU now (none while Ray is not started, as when `serve run MODULE:app` builds the app)."""
+    if use_gpu is not None:
+        return use_gpu
+    import ray
+
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def gpus_per_actor(use_gpu: bool | None, share: float = 1.0) -> float:
+    """The GPUs each actor, replica or worker asks Ray for: `share` of one when the job uses a GPU
+    (job_uses_gpu), else 0. The actor's model then goes on the GPU exactly when this is above 0."""
+    if not job_uses_gpu(use_gpu):
+        return 0.0
+    if share <= 0:
+        raise ValueError(f"the GPU share per actor must be positive, got {share!r} (use_gpu=false for none)")
+    return float(share)
+
+
 def cpus_per_actor(count: int, asked: float | None = None, *, cap: int | None = None,
                    keep_free: float = 0.0) -> float:
     """CPUs for each of `count` actors or workers of a job: the one policy of every job.

@@ -56,3 +56,16 @@ def test_a_flag_for_one_nested_setting_keeps_the_files_others(tmp_path):
     cfg = load_config(SegmentJobConfig, str(path), ["segmenter.threshold=0.3"], segmenter={"model": "/flag-model"})
     assert (cfg.segmenter.model, cfg.segmenter.tta, cfg.segmenter.min_component_px, cfg.segmenter.threshold) == (
         "/flag-model", True, 9, 0.3)
+
+
+def test_gpu_settings_have_one_shape():
+    """use_gpu (None: GPUs when the cluster has one) and, with a GPU, the share of one per actor."""
+    from brainseg_ray.config import EvaluateConfig, SegmenterConfig, SegmentJobConfig, ServeConfig, TrainConfig
+
+    for cls in (TrainConfig, EvaluateConfig, SegmentJobConfig, ServeConfig):
+        assert cls().use_gpu is None, cls.__name__
+        assert load_config(cls, None, ["use_gpu=false"]).use_gpu is False, cls.__name__
+    assert EvaluateConfig().gpus_per_actor == SegmentJobConfig().gpus_per_actor == ServeConfig().gpus_per_replica == 1.0
+    assert not hasattr(SegmenterConfig(), "use_gpu")  # the job decides for its actors
+    with pytest.raises(ConfigError, match="unknown setting num_gpus_per_actor"):
+        load_config(SegmentJobConfig, None, ["num_gpus_per_actor=1"])

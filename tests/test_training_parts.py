@@ -43,7 +43,7 @@ def test_bad_precision_is_refused(asked, message):
 def test_device_choice():
     assert pick_device(False).type == "cpu"
     if not torch.cuda.is_available():
-        assert pick_device("auto").type == "cpu"
+        assert pick_device(None).type == "cpu"  # None: a GPU when one is visible
         with pytest.raises(ValueError, match="no CUDA GPU"):
             pick_device(True)
 
@@ -245,3 +245,19 @@ def test_cpus_per_actor_asked_and_kept_free(ray_local, count, asked, keep_free, 
     from brainseg_ray.runtime import cpus_per_actor
 
     assert cpus_per_actor(count, asked, keep_free=keep_free) == expected
+
+
+def test_use_gpu_decided_one_way_for_every_job(monkeypatch):
+    """None: GPUs when the cluster has one; false: never, even then; true: always."""
+    import ray
+
+    from brainseg_ray.runtime import gpus_per_actor, job_uses_gpu
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert job_uses_gpu(None) and job_uses_gpu(True) and not job_uses_gpu(False)
+    assert gpus_per_actor(None, 0.5) == 0.5 and gpus_per_actor(False, 0.5) == 0.0
+    with pytest.raises(ValueError, match="positive"):
+        gpus_per_actor(True, 0.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert not job_uses_gpu(None) and gpus_per_actor(None) == 0.0 and gpus_per_actor(True) == 1.0

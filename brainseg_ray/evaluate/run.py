@@ -22,7 +22,7 @@ from brainseg_ray.data.split import read_split_file
 from brainseg_ray.data.tables import decode_tensor, patients_dataset, read_slices_table, tumour_slices_by_patient
 from brainseg_ray.evaluate.evaluation import ModelEvaluation, WorstSlice
 from brainseg_ray.evaluate.report import write_report
-from brainseg_ray.runtime import cpus_per_actor
+from brainseg_ray.runtime import cpus_per_actor, gpus_per_actor
 from brainseg_ray.train.losses import per_slice_bce_dice
 from brainseg_ray.train.metrics import pixel_counts, slice_counts
 
@@ -46,13 +46,13 @@ class SliceScorer:
     """Ray Data actor: a Segmenter loaded once (the batch job's and Serve's prediction and
     post-processing), scoring batches of slices at its threshold and at each sweep threshold."""
 
-    def __init__(self, segmenter: SegmenterConfig, thresholds: list[float], s3: storage.S3Options):
+    def __init__(self, segmenter: SegmenterConfig, thresholds: list[float], s3: storage.S3Options, use_gpu: bool):
         from brainseg_ray.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         from brainseg_ray.inference.segmenter import Segmenter
 
-        self.segmenter = Segmenter(segmenter, s3=s3)
+        self.segmenter = Segmenter(segmenter, s3=s3, use_gpu=use_gpu)
         self.thresholds = list(thresholds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -122,6 +122,7 @@ def evaluate(cfg: EvaluateConfig):
     artifacts = [load_artifact(uri, cfg.s3) for uri in cfg.models]  # fail fast, before any Ray work
     names = _model_names(cfg.models, [a.metadata["architecture"] for a in artifacts])
     cpus = cpus_per_actor(cfg.concurrency, cfg.cpus_per_actor, keep_free=1)  # a CPU left for the read stage
+    gpus = gpus_per_actor(cfg.use_gpu, cfg.gpus_per_actor)
     dataset = patients_dataset(cfg.data, cfg.s3, patients).materialize() if len(cfg.models) > 1 else \
         patients_dataset(cfg.data, cfg.s3, patients)
 
@@ -132,11 +133,14 @@ def evaluate(cfg: EvaluateConfig):
                                     min_component_peak=cfg.min_component_peak,
                                     largest_component_3d=cfg.largest_component_3d,
                                     keep_3d_fraction=cfg.keep_3d_fraction, tta=cfg.tta,
-                                    precision=cfg.precision, use_gpu=cfg.use_gpu or None, threads=max(1, int(cpus)))
-        scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds, s3=cfg.s3),
+                                    precision=cfg.precision, threads=max(1, int(cpus)))
+        scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds, s3=cfg.s3,
+                                                  use_gpu=gpus > 0),
                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                       num_cpus=cpus, num_gpus=1 if cfg.use_gpu else 0)
-        driver_segmenter = Segmenter(segmenter, artifact)  # for the gallery; its options are the actors' too
+                       num_cpus=cpus, num_gpus=gpus)
+        # For the gallery's few slices; its options are the actors' too. On the driver's own GPU
+        # where it has one (a cluster's head often has none), never with use_gpu=false.
+        driver_segmenter = Segmenter(segmenter, artifact, use_gpu=False if cfg.use_gpu is False else None)
         options = driver_segmenter.options
         if options.largest_component_3d:  # the 3-D step needs each patient's whole stack in one call
             scored = dataset.groupby("patient_id").map_groups(SliceScorer, **scoring)

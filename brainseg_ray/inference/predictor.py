@@ -1,8 +1,8 @@
 """A loaded model artifact that turns uint8 slices into probability maps and masks.
 
 Preprocessing comes from the artifact (models/inputs.py), so evaluation, the batch job and Serve
-see exactly what training saw. Device and precision follow devices.py ("auto": GPU when present;
-bf16 only on CPUs with native bf16).
+see exactly what training saw. Device and precision follow devices.py (use_gpu None: GPU when
+present; bf16 only on CPUs with native bf16).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from brainseg_ray.storage import S3Options
 
 
 class Predictor:
-    def __init__(self, artifact: ModelArtifact, *, use_gpu: bool | str = "auto", precision: str = "auto",
+    def __init__(self, artifact: ModelArtifact, *, use_gpu: bool | None = None, precision: str = "auto",
                  channels_last: bool = True, batch_size: int | None = None, threads: int | None = None):
         # Ray sets OMP_NUM_THREADS=1 in its workers; an actor given N CPUs should use them.
         self.threads = threads

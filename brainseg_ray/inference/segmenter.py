@@ -29,8 +29,9 @@ class SliceSegmentation:
 
 class Segmenter:
     def __init__(self, cfg: SegmenterConfig, artifact: ModelArtifact | None = None,
-                 s3: S3Options | None = None):
-        """`artifact`: cfg.model already loaded; else cfg.model is loaded, an s3:// one through `s3`."""
+                 s3: S3Options | None = None, use_gpu: bool | None = None):
+        """`artifact`: cfg.model already loaded; else cfg.model is loaded, an s3:// one through `s3`.
+        `use_gpu`: true or false as the job decided for its actor (None: a GPU when one is visible)."""
         if cfg.overlay_style not in OVERLAY_STYLES:
             raise ValueError(f"unknown overlay_style {cfg.overlay_style!r}; expected one of {', '.join(OVERLAY_STYLES)}")
         if artifact is None:
@@ -38,9 +39,8 @@ class Segmenter:
                 raise ValueError("the segmenter needs a model artifact (model=...)")
             artifact = load_artifact(cfg.model, s3)
         self.cfg = cfg
-        self.predictor = Predictor(artifact, use_gpu="auto" if cfg.use_gpu is None else cfg.use_gpu,
-                                   precision=cfg.precision, channels_last=cfg.channels_last,
-                                   batch_size=cfg.batch_size, threads=cfg.threads)
+        self.predictor = Predictor(artifact, use_gpu=use_gpu, precision=cfg.precision,
+                                   channels_last=cfg.channels_last, batch_size=cfg.batch_size, threads=cfg.threads)
         threshold = self.predictor.threshold if cfg.threshold is None else cfg.threshold
         chosen = self.predictor.metadata.get("postprocess") or {}  # what the model's validation chose
 

@@ -26,6 +26,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from brainseg_ray.config import ServeConfig
+from brainseg_ray.runtime import gpus_per_actor
 from brainseg_ray.serve import settings
 from brainseg_ray.serve.api import BackendUnavailable, create_app
 
@@ -49,7 +50,7 @@ class SegmenterDeployment:
         threads = cfg.segmenter.threads or max(1, math.floor(cfg.cpus_per_replica))
         # One slice per request: a model's per-patient 3-D post-processing cannot apply here.
         self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads, largest_component_3d=False),
-                                   s3=cfg.s3)
+                                   s3=cfg.s3, use_gpu=cfg.use_gpu)
         self.cfg = cfg
         self.segment.set_max_batch_size(cfg.max_batch_size)
         self.segment.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -160,11 +161,13 @@ def build(cfg: ServeConfig) -> Application:
     """The application for a checked ServeConfig."""
     settings.check(cfg)
     scaling = dataclasses.asdict(cfg.autoscaling)
-    actor_options: dict = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    gpus = gpus_per_actor(cfg.use_gpu, cfg.gpus_per_replica)
+    actor_options: dict = {"num_cpus": cfg.cpus_per_replica, "num_gpus": gpus}
+    # The replicas get use_gpu decided: a GPU exactly when Ray gives them one.
     segmenter = SegmenterDeployment.options(
         autoscaling_config=scaling, max_ongoing_requests=cfg.max_ongoing_requests,
         ray_actor_options=actor_options,
-    ).bind(cfg)
+    ).bind(dataclasses.replace(cfg, use_gpu=gpus > 0))
     # The ingress mostly waits on the Segmenter: no CPU reserved, many requests in flight.
     return SegmentAPI.options(
         num_replicas=cfg.ingress_replicas, max_ongoing_requests=cfg.ingress_max_ongoing_requests,

@@ -46,8 +46,10 @@ def check(cfg: ServeConfig) -> ServeConfig:
     if cfg.max_body_mb <= 0 or cfg.max_image_pixels <= 0:
         raise ConfigError(f"max_body_mb and max_image_pixels must be positive, got {cfg.max_body_mb!r} "
                           f"and {cfg.max_image_pixels!r}")
-    if cfg.batch_wait_timeout_s < 0 or cfg.cpus_per_replica < 0 or cfg.gpus_per_replica < 0:
-        raise ConfigError("batch_wait_timeout_s, cpus_per_replica and gpus_per_replica cannot be negative")
+    if cfg.batch_wait_timeout_s < 0 or cfg.cpus_per_replica < 0:
+        raise ConfigError("batch_wait_timeout_s and cpus_per_replica cannot be negative")
+    if cfg.gpus_per_replica <= 0:
+        raise ConfigError(f"gpus_per_replica must be positive (use_gpu=false for none), got {cfg.gpus_per_replica!r}")
     if cfg.max_batch_size < 1 or cfg.max_ongoing_requests < 1 or cfg.ingress_max_ongoing_requests < 1:
         raise ConfigError("max_batch_size, max_ongoing_requests and ingress_max_ongoing_requests must be >= 1")
     scaling = cfg.autoscaling

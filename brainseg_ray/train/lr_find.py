@@ -192,7 +192,7 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
     from brainseg_ray.train.trainer import model_spec, read_manifest
 
     train, out = _check(cfg)
-    device = pick_device(True if train.use_gpu else "auto")
+    device = pick_device(train.use_gpu)
     precision = resolve_precision(train.precision, device)
     manifest = read_manifest(train.data, train.s3)
     normalisation = normalisation_from_profile(manifest.get("profile"))

@@ -212,7 +212,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.models.inputs import normalisation_from_profile
     from brainseg_ray.models.registry import has_unused_parameters
-    from brainseg_ray.runtime import cpus_per_actor
+    from brainseg_ray.runtime import cpus_per_actor, job_uses_gpu
 
     _check_config(cfg)
     if not storage.is_s3(cfg.out):
@@ -242,6 +242,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise TrainingError(f"{n_train} training slices give {per_worker} per worker, fewer than batch_size "
                             f"{cfg.batch_size}; lower batch_size or num_workers")
     cpus = cpus_per_actor(cfg.num_workers, cfg.cpus_per_worker, cap=8)
+    use_gpu = job_uses_gpu(cfg.use_gpu)  # one GPU a worker: DDP ranks cannot share one
     config = to_dict(cfg)
     steps_per_epoch = per_worker // cfg.batch_size
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
@@ -269,12 +270,12 @@ def train(cfg: TrainConfig) -> TrainResult:
     budget = f"{total_steps} steps" + (f" of {cfg.crop_size}px crops" if cfg.crop_size else "")
     print(f"train: {cfg.model} on {len(train_patients)} patients ({n_train} slices), validating on "
           f"{len(val_patients)} ({n_val} slices); {budget}; {cfg.num_workers} worker(s) x {cpus:g} CPU"
-          f"{' + GPU' if cfg.use_gpu else ''}", flush=True)
+          f"{' + GPU' if use_gpu else ''}", flush=True)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=vars(plan),  # a plain dict, as Ray Train takes it (asdict would copy init_state)
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         run_config=_run_config(cfg),
         datasets={"train": train_ds, "val": val_ds},
