@@ -139,7 +139,8 @@ def test_two_workers_ddp_to_s3(synthetic_dataset, s3_bucket):
 def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
     """min_delta=1 makes any later epoch "no better" than the first: with patience 1 the run must
     stop after epoch 2 of 5, and the model is epoch 1's. The run folder is relative, as a user
-    types it (Ray Train's workers run elsewhere)."""
+    types it (Ray Train's workers run elsewhere), and model.json records it so: provenance holds
+    no path of the training machine."""
     from brainseg_ray.train.trainer import train
 
     monkeypatch.chdir(tmp_path)
@@ -149,8 +150,12 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset,
     assert result.model_uri == str(tmp_path / "run" / "model") and (tmp_path / "run" / "history.json").is_file()
     assert result.stopped_early and result.epochs_run == 2
     assert [row["is_best"] for row in result.history] == [True, False]
-    assert result.best_epoch == 1 and load_artifact(result.model_uri).metadata["training"]["epoch"] == 1
+    training = load_artifact(result.model_uri).metadata["training"]
+    assert result.best_epoch == 1 and training["epoch"] == 1
     assert "stopped early" in result.summary_line()
+    assert training["config"]["out"] == "run" and str(tmp_path) not in json.dumps(training)
+    checkpoint = json.loads(next((tmp_path / "run" / "checkpoints").glob("epoch-*/model.json")).read_text())
+    assert checkpoint["training"]["config"]["out"] == "run"
 
     # The same folder cannot quietly continue a run of another input size.
     from brainseg_ray.train.trainer import TrainingError

@@ -33,7 +33,7 @@ SCORE = "val_patient_dice"
 class Plan:
     """What the driver sends every worker (as a plain dict: Ray Train's train_loop_config)."""
 
-    config: dict  # the TrainConfig as a dict
+    config: dict  # the TrainConfig as a dict, to run by (its out made absolute)
     spec: dict  # the ModelSpec's fields
     normalisation: dict
     data_fingerprint: str | None

@@ -215,6 +215,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     from brainseg_ray.runtime import cpus_per_actor, job_uses_gpu
 
     _check_config(cfg)
+    # The run records its settings as given: a path of this machine means nothing on the next.
+    recorded = {k: v for k, v in to_dict(cfg).items() if k not in ("s3", "ray")}
     if not storage.is_s3(cfg.out):
         # Ray Train's workers run in a directory of their own: a relative run folder would land there.
         cfg = dataclasses.replace(cfg, out=os.path.abspath(cfg.out))
@@ -243,12 +245,11 @@ def train(cfg: TrainConfig) -> TrainResult:
                             f"{cfg.batch_size}; lower batch_size or num_workers")
     cpus = cpus_per_actor(cfg.num_workers, cfg.cpus_per_worker, cap=8)
     use_gpu = job_uses_gpu(cfg.use_gpu)  # one GPU a worker: DDP ranks cannot share one
-    config = to_dict(cfg)
     steps_per_epoch = per_worker // cfg.batch_size
     total_steps = cfg.steps or steps_per_epoch * cfg.epochs
     rounds = -(-cfg.steps // cfg.eval_every_steps) if cfg.steps else cfg.epochs
     plan = Plan(
-        config=config,
+        config=to_dict(cfg),
         spec=dict(vars(spec)),
         normalisation=normalisation_from_profile(manifest.get("profile")),
         data_fingerprint=manifest.get("fingerprint"),
@@ -259,7 +260,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         threads=max(1, int(cpus)),
         out=cfg.out,
         training_record={
-            "config": {k: v for k, v in config.items() if k not in ("s3", "ray")},
+            "config": recorded,
             "split": split_record,
             "slices": {"train": n_train, "val": n_val},
             "data": cfg.data,
