@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev" / "kaggle_3m"
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
 WARM_UP_PATIENTS = 3
 
 
@@ -121,19 +121,19 @@ def _resolve_data(requested: str | None, scratch: Path) -> Path:
         if not root.is_dir():
             sys.exit(f"bench: no such data folder: {root}")
         return root
-    if SHARED_DATA.is_dir():
-        return SHARED_DATA
+    if SHARED_KAGGLE_3M.is_dir():
+        return SHARED_KAGGLE_3M
     from brainseg_ray.data.synthetic import write_synthetic_dataset
 
     summary = write_synthetic_dataset(str(scratch / "synthetic"), patients=60)
-    print(f"bench: {SHARED_DATA} not found; using synthetic data ({summary.slices} slices, 60 patients) "
+    print(f"bench: {SHARED_KAGGLE_3M} not found; using synthetic data ({summary.slices} slices, 60 patients) "
           f"in {summary.root}", flush=True)
     return Path(summary.root)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", help=f"kaggle_3m folder (default {SHARED_DATA}, else synthetic)")
+    parser.add_argument("--data", help=f"kaggle_3m folder (default {SHARED_KAGGLE_3M}, else synthetic)")
     parser.add_argument("--slices-per-task", type=int, default=None,
                         help="IngestConfig.slices_per_task (default: the config's default)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per side; the median counts")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev" / "kaggle_3m"
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
 
 
 def _subset(root: Path, slices: int, into: Path) -> list[Path]:
@@ -144,7 +144,7 @@ def main() -> int:
     init_ray(RayConfig())
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         work = Path(tmp)
-        root = Path(args.data) if args.data else SHARED_DATA
+        root = Path(args.data) if args.data else SHARED_KAGGLE_3M
         if not root.is_dir():
             from brainseg_ray.data.synthetic import write_synthetic_dataset
 

@@ -29,8 +29,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
+
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m"
 BOUNDARY = "brainsegbenchboundary"
 CLIENTS = (1, 8)
 
@@ -49,8 +50,8 @@ def _model(args, workdir: str) -> str:
 
 def _slice(workdir: str) -> tuple[str, bytes]:
     """A real slice with a lesion when the shared data is there, else a synthetic one."""
-    if SHARED_DATA.is_dir():
-        patient = sorted(p for p in SHARED_DATA.iterdir() if p.is_dir())[0]
+    if SHARED_KAGGLE_3M.is_dir():
+        patient = sorted(p for p in SHARED_KAGGLE_3M.iterdir() if p.is_dir())[0]
         mask = max(patient.glob("*_mask.tif"), key=lambda p: p.stat().st_size)
         path = mask.with_name(mask.name.replace("_mask", ""))
         return str(path), path.read_bytes()

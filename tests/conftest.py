@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -30,8 +32,6 @@ os.environ.update({
 })
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
-
-SHARED_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "lgg-dev" / "kaggle_3m"
 
 
 @pytest.fixture(scope="session")
@@ -126,9 +126,9 @@ def synthetic_dataset(ray_local, synthetic_root, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def shared_root() -> Path:
-    if not SHARED_ROOT.is_dir():
-        pytest.skip(f"real LGG slices not found at {SHARED_ROOT} (the shared data folder is absent)")
-    return SHARED_ROOT
+    if not SHARED_KAGGLE_3M.is_dir():
+        pytest.skip(f"real LGG slices not found at {SHARED_KAGGLE_3M} (the shared data folder is absent)")
+    return SHARED_KAGGLE_3M
 
 
 @pytest.fixture(scope="session")

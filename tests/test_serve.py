@@ -28,6 +28,7 @@ from PIL import Image
 
 from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.config import ConfigError, SegmenterConfig, SegmentJobConfig, ServeConfig
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
 from brainseg_ray.serve import settings
 from brainseg_ray.serve.loadgen import run_load
 from conftest import _free_port, tiny_artifact, upload_tree
@@ -470,8 +471,8 @@ def test_web_page_uploads_a_slice_and_shows_overlay_and_numbers(server, syntheti
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    shared = REPO.parent / "shared" / "data" / "lgg-dev" / "kaggle_3m"
-    patients = sorted(p for p in (shared if shared.is_dir() else synthetic_root).iterdir() if p.is_dir())
+    source = SHARED_KAGGLE_3M if SHARED_KAGGLE_3M.is_dir() else synthetic_root
+    patients = sorted(p for p in source.iterdir() if p.is_dir())
     slice_path = max((p for p in patients[0].glob("*_mask.tif")), key=lambda p: p.stat().st_size)
     slice_path = slice_path.with_name(slice_path.name.replace("_mask", ""))  # the slice of the largest mask file
 

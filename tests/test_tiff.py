@@ -13,8 +13,7 @@ import tifffile
 
 from brainseg_ray.data.decode import SliceError, read_pixels
 from brainseg_ray.data.tiff import decode_simple_tiff, decode_tiff
-
-SHARED = Path("/work/shared/data/lgg-dev/kaggle_3m")
+from brainseg_ray.dev_data import SHARED_KAGGLE_3M
 
 
 def _tifffile(data: bytes) -> np.ndarray:
@@ -55,16 +54,16 @@ def _pixels(shape: tuple[int, ...], dtype=np.uint8, seed: int = 0) -> np.ndarray
 # ------------------------------------------------------------------------------------- real data
 
 def _real_files() -> list[Path]:
-    if not SHARED.is_dir():
+    if not SHARED_KAGGLE_3M.is_dir():
         return []
-    patients = sorted(p for p in SHARED.iterdir() if p.is_dir())[:3]
+    patients = sorted(p for p in SHARED_KAGGLE_3M.iterdir() if p.is_dir())[:3]
     return sorted(f for p in patients for f in p.glob("*.tif"))
 
 
 def test_real_slices_of_three_patients_match_tifffile():
     files = _real_files()
     if not files:
-        pytest.skip(f"shared kaggle_3m data not found at {SHARED}")
+        pytest.skip(f"shared kaggle_3m data not found at {SHARED_KAGGLE_3M}")
     for file in files:
         data = file.read_bytes()
         fast = decode_simple_tiff(data)
