@@ -12,12 +12,8 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from brainseg_ray.data.synthetic import (
-    CSV_HEADER,
-    SyntheticSummary,
-    synthesize_patient,
-    write_synthetic_dataset,
-)
+from brainseg_ray.data.synthetic import CSV_HEADER, SyntheticSummary, write_synthetic_dataset
+from brainseg_ray.data.synthetic_volume import synthesize_patient
 
 ID_RE = re.compile(r"^SYN_(AA|BB|CC|DD)_[0-9A-Z]{4}_(\d{8})$")
 SLICE_RE = re.compile(r"^(?P<pid>.+)_(?P<i>\d+)(?P<mask>_mask)?\.tif$")
