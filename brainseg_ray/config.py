@@ -49,7 +49,7 @@ class IngestConfig:
     # A tar archive is streamed from its start by each task that reads it, so its slices are cut
     # into at most this many tasks to bound the re-reading.
     tasks_per_archive: int = 8
-    parquet_compression: str = "zstd"
+    parquet_compression: str = "zstd"  # Parquet codec
     parquet_compression_level: int | None = 1  # zstd level 1: near level 3's size at twice the speed
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -61,8 +61,8 @@ class TrainConfig:
     out: str = ""  # run folder: checkpoints/, model/, history.csv/json, curves.png, split.json
     # model
     model: str = "unet-resnet34"  # a registry name (see `brainseg models`)
-    encoder_depth: int = 5
-    base_filters: int = 32
+    encoder_depth: int = 5  # smp models only
+    base_filters: int = 32  # filters of the first level, doubling per level (plain unet only)
     encoder_weights_path: str | None = None  # local encoder state_dict; nothing is downloaded
     # default | imagenet | none; default: the installed ImageNet weights where they fit the encoder
     # (unet-efficientnet-lite0/1/2), else random
@@ -78,9 +78,9 @@ class TrainConfig:
     # patients: a split file from `brainseg split`, else a fold, else a drawn split
     split_file: str | None = None
     fold: int | None = None  # validate on this fold of `folds`, train on the others
-    folds: int = 5
-    val_fraction: float = 0.2
-    seed: int = 0
+    folds: int = 5  # folds drawn here for `fold` when there is no split_file
+    val_fraction: float = 0.2  # neither split_file nor fold: this share of patients validates
+    seed: int = 0  # draws the folds or split, and shuffles the training slices
     # optimisation
     epochs: int = 30
     # Optimizer steps in all, a compute budget (per worker; samples = steps x batch_size x workers);
@@ -93,11 +93,11 @@ class TrainConfig:
     lr: float = 1e-3  # peak learning rate (see `brainseg lr-find`)
     weight_decay: float = 1e-4
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    loss: str = "bce_dice"
-    augmentation: str = "light"  # none | light | strong
+    loss: str = "bce_dice"  # bce_dice | dice | focal | bce
+    augmentation: str = "light"  # none | light | strong | natural (see data/augment.py)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: AMP on GPU, bf16 on CPUs that have it)
     channels_last: bool = True
-    threshold: float = 0.5
+    threshold: float = 0.5  # decision threshold recorded in the artifact
     early_stopping_patience: int = 8  # epochs (step rounds) without a better validation per-patient Dice
     min_delta: float = 0.0
     keep_checkpoints: int = 2  # best N by validation per-patient Dice (the latest is kept too)
@@ -115,9 +115,9 @@ class TrainConfig:
 @dataclass
 class LrFindConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
-    start_lr: float = 1e-7
-    end_lr: float = 1.0
-    steps: int = 100
+    start_lr: float = 1e-7  # the learning rate grows exponentially from this ...
+    end_lr: float = 1.0  # ... to this
+    steps: int = 100  # one optimizer step per learning rate
     out: str = ""  # folder for lr_find.png and lr_find.json (default: train.out)
 
 
@@ -126,17 +126,17 @@ class EvaluateConfig:
     models: list[str] = field(default_factory=list)  # artifact folders or s3:// URIs
     data: str = ""  # ingested dataset
     out: str = ""  # report folder
-    split_file: str | None = None
+    split_file: str | None = None  # from `brainseg split`, or a training run's split.json
     split: str = "all"  # all, or a split name in split_file (train | val | test)
     fold: int | None = None  # or: the patients of this fold of split_file's folds
     threshold: float | None = None  # None: each model's own threshold
     # Post-processing as the Segmenter does it (None: each model's own choice); with
     # largest_component_3d, each actor call gets whole patients.
-    min_component_px: int | None = None
-    min_component_peak: float | None = None
-    largest_component_3d: bool | None = None
-    keep_3d_fraction: float | None = None
-    tta: bool | None = None
+    min_component_px: int | None = None  # drop 2-D lesion components smaller than this
+    min_component_peak: float | None = None  # drop 2-D components whose highest probability is below this
+    largest_component_3d: bool | None = None  # per patient, keep the largest 3-D component only
+    keep_3d_fraction: float | None = None  # with it, keep 3-D components of at least this share of the largest
+    tta: bool | None = None  # average the predictions of the slice and its flips
     thresholds: list[float] = field(default_factory=list)  # also score these thresholds: a sweep table
     batch_size: int = 16  # slices per actor call (the forward pass takes the device's own size)
     concurrency: int = 1  # predictor actors per model
@@ -161,8 +161,8 @@ class SegmenterConfig:
     largest_component_3d: bool | None = None  # per patient, keep the largest 3-D component only
     keep_3d_fraction: float | None = None  # with it, keep 3-D components of at least this share of the largest
     tta: bool | None = None  # average the predictions of the slice and its flips
-    pixel_spacing_mm: float = 1.0
-    slice_thickness_mm: float = 1.0
+    pixel_spacing_mm: float = 1.0  # for the areas in mm^2
+    slice_thickness_mm: float = 1.0  # with it, for the volumes in mm^3
     overlay_style: str = "outline"  # outline | tint
     batch_size: int | None = None  # slices per forward pass; None: 16 on a GPU, 2 on a CPU
     precision: str = "auto"
@@ -190,12 +190,12 @@ class SegmentJobConfig:
 
 @dataclass
 class SynthConfig:
-    out: str = ""
+    out: str = ""  # writes OUT/kaggle_3m
     patients: int = 10
-    seed: int = 0
-    min_slices: int = 20
+    seed: int = 0  # the same seed writes the same files
+    min_slices: int = 20  # slices per patient: from min_slices to max_slices
     max_slices: int = 30
-    lesion_fraction: float = 0.8
+    lesion_fraction: float = 0.8  # share of patients with a lesion
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -337,9 +337,9 @@ class ServeConfig:
 
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     host: str = "127.0.0.1"  # `brainseg serve` only; `serve run` takes serve_config.yaml's http_options
-    port: int = 8000
-    app_name: str = "brainseg"
-    route_prefix: str = "/"
+    port: int = 8000  # `brainseg serve` only, as host
+    app_name: str = "brainseg"  # the Serve application's name
+    route_prefix: str = "/"  # where the routes start
     autoscaling: ServeAutoscaling = field(default_factory=ServeAutoscaling)
     # Segmenter replicas; also their torch threads (at least 1). Two threads per replica measured
     # nearly 2x faster per request than one on a 2-core machine, where one replica fills it.

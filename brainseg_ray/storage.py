@@ -39,8 +39,8 @@ class StorageError(Exception):
 class S3Options:
     """How to reach S3. Empty fields fall back to the standard AWS variables and config."""
 
-    endpoint_url: str | None = None
-    region: str | None = None
+    endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL; e.g. a MinIO server
+    region: str | None = None  # None: AWS_REGION, else AWS_DEFAULT_REGION
 
     def resolved_endpoint(self) -> str | None:
         return (
