@@ -210,26 +210,15 @@ def serve_and_call(model_uri: str, slice_path: str, log=print) -> dict:
 def reference_on_synthetic(reference: str, synthetic_root: str, output: str) -> str:
     """Bulk-segment the synthetic patients with the shipped reference model and score its masks
     against the synthetic truth: per-patient 3-D Dice (mean, min, max), throughput, output."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    import tifffile
-
-    from brainseg_ray.batch import RESULTS_FILE, segment
-    from brainseg_ray.train.metrics import patient_dice
+    from brainseg_ray.batch import segment
+    from brainseg_ray.evaluate.score_masks import score_masks
 
     started = time.time()
     result = segment(SegmentJobConfig(input=synthetic_root, output=output, segmenter=SegmenterConfig(model=reference)))
     seconds = time.time() - started
-    slices: dict[str, tuple[list, list]] = {}
-    for row in pq.read_table(os.path.join(output, RESULTS_FILE)).to_pylist():
-        if row["status"] != "ok":
-            continue
-        preds, truths = slices.setdefault(row["patient_id"], ([], []))
-        preds.append(tifffile.imread(row["mask_uri"]) > 0)
-        truths.append(tifffile.imread(row["source_uri"][:-len(".tif")] + "_mask.tif") > 0)
-    dices = [patient_dice(p, t) for p, t in slices.values()]
+    dices = list(score_masks(output, synthetic_root).metrics["patient_dice"].values())
     version = (result.manifest or {}).get("model", {}).get("version", "")
-    return (f"patient Dice on the synthetic patients {np.mean(dices):.3f} mean over {len(dices)} "
+    return (f"patient Dice on the synthetic patients {sum(dices) / len(dices):.3f} mean over {len(dices)} "
             f"(min {min(dices):.3f}, max {max(dices):.3f}); trained on real scans, so only informative here; "
             f"model {version}, {result.found / seconds:.1f} slices/s -> {output}")
 
