@@ -180,7 +180,7 @@ def _cmd_export(args) -> int:
 def _cmd_demo(args) -> int:
     from brainseg_ray.demo import print_summary, run_demo
 
-    print_summary(run_demo(out=args.out, patients=args.patients))
+    print_summary(run_demo(out=args.out, patients=args.patients, verbose=args.verbose))
     return 0
 
 
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the whole story on embedded synthetic data")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--patients", type=int, default=12)
+    p.add_argument("--verbose", action="store_true", help="also show Ray's workers' lines (per-epoch training, progress)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -38,6 +38,8 @@ class RayConfig:
     # The dashboard serves Ray's state API, which Ray Train's placement-group cleaner polls (it
     # warns every few seconds without it) and `ray list`/`ray status` use.
     include_dashboard: bool = True
+    # Workers' and actors' output (Ray Train's per-epoch lines among it) in this terminal
+    log_to_driver: bool = True
 
 
 @dataclass

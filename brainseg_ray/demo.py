@@ -36,7 +36,7 @@ DEMO_APP = "brainseg-demo"
 
 
 def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayConfig | None = None,
-             log=print, training: dict | None = None) -> dict:
+             log=print, training: dict | None = None, verbose: bool = False) -> dict:
     """Run the story and return the summary table (key -> text). `training` overrides DEMO_TRAINING."""
     from brainseg_ray.batch import segment
     from brainseg_ray.data.ingest import ingest
@@ -60,7 +60,14 @@ def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayC
         return now
 
     synth = write_synthetic_dataset(os.path.join(out, "synthetic"), patients=patients, seed=seed)
-    init_ray(ray or RayConfig())
+    # The demo's own lines and its table are what a person reads; Ray's workers' per-epoch lines and
+    # Ray Data's progress only with verbose.
+    ray = ray or RayConfig(log_to_driver=verbose)
+    if not verbose:
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    init_ray(ray)
     t = step("synthetic data", started)
 
     ingested = ingest(IngestConfig(source=synth.root, out=os.path.join(out, "dataset")))
@@ -72,7 +79,7 @@ def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayC
     t = step("ingest and split", t)
 
     trained = train(TrainConfig(data=ingested.out, out=os.path.join(out, "run"), split_file=split_file,
-                                ray=ray or RayConfig(), **training))
+                                ray=ray, **training))
     t = step("training", t)
 
     evaluated = evaluate(EvaluateConfig(models=[trained.model_uri], data=ingested.out, out=os.path.join(out, "report"),

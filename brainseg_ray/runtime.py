@@ -17,7 +17,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     cfg = cfg or RayConfig()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": cfg.log_to_driver}
     if address:
         ray.init(address=address, **kwargs)
     else:
