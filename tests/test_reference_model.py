@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 
 import pytest
 
@@ -28,14 +29,17 @@ def test_artifact_loads_and_is_small_enough():
     meta = artifact.metadata
     assert sum(f.stat().st_size for f in REFERENCE_DIR.iterdir()) <= 20 * 1024 * 1024
     assert meta["dtype"] == "float16" and 0 < meta["threshold"] < 1
-    assert set(meta["postprocess"]) == {"min_component_px", "largest_component_3d"}
-    # The card states what model.json says.
+    assert set(meta["postprocess"]) == {"min_component_px", "min_component_peak", "largest_component_3d",
+                                        "keep_3d_fraction", "tta"}
+    # The card states what model.json says, and shows the pictures it names.
     text = CARD.read_text()
     assert f"Threshold | {meta['threshold']:g} " in text
-    assert f"`{meta['model']['name']}`" in text and f"at {meta['input']['size']} px" in text
-    if meta["model"]["name"] == "unet":  # the plain U-Net's width is part of its name on the card
-        assert f"`base_filters={meta['model']['base_filters']}`" in text
+    assert f"`{meta['model']['name']}` at {meta['input']['size']} px" in text and meta["version"] in text
     assert "Not a medical device" in text and "CC BY-NC-SA 4.0" in text and "jobs/reference_model.sh" in text
+    for picture in re.findall(r"\]\((worst-\d\.png)\)", text):
+        assert (REFERENCE_DIR / picture).read_bytes()[:4] == b"\x89PNG"
+    # No path of the machine that trained it.
+    assert "/work/" not in (REFERENCE_DIR / "model.json").read_text() and "/work/" not in text
 
 
 def test_the_rebuild_script_names_what_shipped():
@@ -43,11 +47,19 @@ def test_the_rebuild_script_names_what_shipped():
 
     meta = load_artifact("reference").metadata
     script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_model.sh").read_text()
-    assert f"THRESHOLD={meta['threshold']:g}\n" in script
-    assert f"--model {meta['model']['name']}" in script and f"image_size={meta['input']['size']}" in script
+    assert f"THRESHOLD={meta['threshold']:g}\n" in script and f"MODEL={meta['model']['name']} " in script
+    config = meta["training"]["config"]
+    assert f"steps={config['steps']} " in script and f"lr={config['lr']:g}" in script
+    # Every post-processing step that shipped is among the candidates the script compares.
     post = meta["postprocess"]
-    assert ("--largest-component-3d" if post["largest_component_3d"] else "--no-largest-component-3d") in script
-    assert f"--min-component-px {post['min_component_px']}" in script
+    if post["min_component_peak"]:
+        assert f"min_component_peak={post['min_component_peak']:g}" in script
+    if post["min_component_px"]:
+        assert f"min_component_px={post['min_component_px']}" in script
+    if post["largest_component_3d"] and post["keep_3d_fraction"] < 1:
+        assert f"keep_3d_fraction={post['keep_3d_fraction']:g}" in script
+    if post["tta"]:
+        assert "tta=true" in script
 
 
 @pytest.mark.shared_data
@@ -63,16 +75,19 @@ def test_evaluate_reproduces_the_cards_validation_figures(shared_root, ray_local
     for patient in val:  # only the validation patients, linked rather than copied
         (source / patient).symlink_to(shared_root / patient, target_is_directory=True)
     data = ingest(IngestConfig(source=str(tmp_path / "val"), out=str(tmp_path / "dataset"))).out
+    # fp32, as the card's figures were computed: the same on CPUs with and without bf16
     report = evaluate(EvaluateConfig(models=["reference"], data=data, out=str(tmp_path / "report"),
-                                     worst_slices=0)).report
+                                     worst_slices=0, precision="fp32")).report
     metrics = report["models"][0]["metrics"]
     assert sorted(metrics["patient_dice"]) == sorted(val)
-    dice, slice_dice, precision, recall, sensitivity, specificity = _card_row("validation")
+    dice, median, slice_dice, precision, recall, sensitivity, specificity = _card_row("validation")
     assert metrics["patient_dice_mean"] == pytest.approx(dice, abs=2e-4)
+    assert statistics.median(metrics["patient_dice"].values()) == pytest.approx(median, abs=2e-4)
     assert metrics["slice_dice_mean"] == pytest.approx(slice_dice, abs=2e-4)
     assert metrics["pixel"]["precision"] == pytest.approx(precision, abs=2e-4)
     assert metrics["pixel"]["recall"] == pytest.approx(recall, abs=2e-4)
     assert metrics["detection"]["sensitivity"] == pytest.approx(sensitivity, abs=2e-4)
     assert metrics["detection"]["specificity"] == pytest.approx(specificity, abs=2e-4)
-    assert json.loads((tmp_path / "report" / "report.json").read_text())["models"][0]["postprocess"][
-        "largest_component_3d"] is True
+    meta = load_artifact("reference").metadata
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["models"][0]["postprocess"] == \
+        meta["postprocess"]

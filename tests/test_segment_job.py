@@ -306,7 +306,7 @@ def test_real_slices_give_one_row_each_and_a_mask_layout(ray_local, shared_subse
 def test_score_reads_the_jobs_mask_files(synthetic_root, full_run, tmp_path, capsys):
     """`brainseg score` compares the mask files a job wrote with the reference masks: the
     reference masks copied over the job's files score a Dice of 1, and emptying one patient's
-    files drops exactly that patient to 0."""
+    files drops exactly that patient to 0. The output is a copy: masks are found under it."""
     import tifffile
 
     from brainseg_ray.cli import main

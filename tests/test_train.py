@@ -77,7 +77,7 @@ def test_train_run_folder(learning_data, trained_run):
     assert [row["epoch"] for row in history] == list(range(1, len(history) + 1)) == \
         list(range(1, result.epochs_run + 1))
     assert HISTORY_KEYS <= set(history[0])
-    assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,train_loss,val_loss")
+    assert (out / "history.csv").read_text().splitlines()[0].startswith("epoch,step,train_loss,val_loss")
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The best checkpoint is the best epoch of the history, and it is what OUT/model holds.
     best = max(history, key=lambda r: (r["val_patient_dice"], -r["epoch"]))

