@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainseg_ray.data.decode import read_pixels  # noqa: E402
-from brainseg_ray.inference.postprocess import overlay  # noqa: E402
+from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
 
 STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 256 px slices"}
@@ -98,7 +98,6 @@ def _worst_pictures(work: Path, out: Path, score: dict, n: int = 3) -> list[str]
     reference outlined in green and the model's mask in red."""
     import pyarrow.parquet as pq
 
-    from brainseg_ray.inference.postprocess import encode_png
 
     results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
     source = work / "test-source" / "kaggle_3m"
