@@ -305,16 +305,16 @@ def read_mapping(path: str) -> dict:
     return loaded
 
 
-def config_from_mapping(cls: type[T], data: dict, overrides: list[str] | None = None, **values: Any) -> T:
-    """`data` (a file's settings) < keyword values (from CLI flags; None: not given) < key=value
-    overrides, as a `cls`."""
-    data = dict(data)
+def config_from_mapping(cls: type[T], settings: dict, overrides: list[str] | None = None, /, **values: Any) -> T:
+    """`settings` (a file's) < keyword values (from CLI flags; None: not given) < key=value
+    overrides, as a `cls`. Positional-only, so a setting may be called `settings` or `data`."""
+    data = dict(settings)
     merge_into(data, {k: v for k, v in values.items() if v is not None})
     apply_overrides(data, overrides or [])
     return from_dict(cls, data)
 
 
-def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
+def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None, /,
                 **values: Any) -> T:
     """Defaults < YAML file < keyword values (from CLI flags) < key=value overrides."""
     return config_from_mapping(cls, read_mapping(path) if path else {}, overrides, **values)

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from brainseg_ray.data.decode import read_pixels  # noqa: E402
+from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
 
@@ -170,8 +171,8 @@ post-contrast), output one tumour probability per pixel.
 | Setting | Value |
 | --- | --- |
 | Threshold | {meta['threshold']:g} |
-| Post-processing (bulk job) | {_post_text(post)} |
-| Post-processing (Serve, one slice) | {_post_text({**post, 'largest_component_3d': False})} |
+| Post-processing (bulk job) | {postprocess_text(post)} |
+| Post-processing (Serve, one slice) | {postprocess_text({**post, 'largest_component_3d': False})} |
 | Normalisation | per channel, the training data's mean and std |
 
 ## Data and licences
@@ -270,21 +271,6 @@ def _web_text(work: Path) -> str:
             f"{free - c['tumour_free_said_present']} of {free} tumour-free slices shown as no tumour "
             f"({(free - c['tumour_free_said_present']) / free:.4f}), {c['tumour_said_present']} of {tumour} "
             f"tumour slices shown as tumour ({c['tumour_said_present'] / tumour:.4f}).")
-
-
-def _post_text(post: dict) -> str:
-    steps = []
-    if post.get("tta"):
-        steps.append("flip TTA")
-    if post.get("min_component_px"):
-        steps.append(f"2-D components under {post['min_component_px']} px dropped")
-    if post.get("min_component_peak"):
-        steps.append(f"2-D components peaking under {post['min_component_peak']:g} dropped")
-    if post.get("largest_component_3d"):
-        fraction = post.get("keep_3d_fraction", 1.0)
-        steps.append("largest 3-D component per patient" if fraction >= 1 else
-                     f"3-D components of at least {fraction:g} of the largest")
-    return "; ".join(steps) or "none"
 
 
 def main() -> int:

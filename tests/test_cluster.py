@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 # What a job's --working-dir upload leaves out (.gitignore'd paths are left out too).
-UPLOAD_EXCLUDES = [".git", ".venv", "data", "demo-out", "out", "test-artifacts", "**/__pycache__", ".pytest_cache",
+UPLOAD_EXCLUDES = [".git", ".venv", "/data", "demo-out", "out", "test-artifacts", "**/__pycache__", ".pytest_cache",
                    "*.egg-info"]
 # The train job's tiny model (tests/test_train.py's TINY) and 2 data-parallel workers, one per node.
 TINY_TRAIN = ["model=unet", "base_filters=4", "image_size=64", "batch_size=4", "augmentation=light",

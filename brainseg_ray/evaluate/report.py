@@ -222,7 +222,7 @@ def _model_markdown(index: int, model: Mapping) -> list[str]:
         "",
         f"- Model: `{model.get('model_uri', '')}` (version {table_text(model.get('version'))})",
         f"- Threshold: {table_text(finite_number(model.get('threshold')))}",
-        f"- Post-processing: {_postprocess_text(model.get('postprocess') or {})}",
+        f"- Post-processing: {postprocess_text(model.get('postprocess') or {})}",
         f"- Inference time: {table_text(finite_number(model.get('seconds')))} s",
         f"- Patients: {table_text(metrics.get('num_patients'))}, slices: {table_text(metrics.get('num_slices'))}"
         f", with tumour: {table_text(metrics.get('num_tumour_slices'))}",
@@ -312,8 +312,9 @@ def _model_markdown(index: int, model: Mapping) -> list[str]:
     return lines
 
 
-def _postprocess_text(options: Mapping) -> str:
-    steps = []
+def postprocess_text(options: Mapping) -> str:
+    """The post-processing steps in words, in the order they run; 'none' without any."""
+    steps = ["flip test-time augmentation"] if options.get("tta") else []
     if options.get("min_component_px"):
         steps.append(f"2-D components under {options['min_component_px']} px dropped")
     if options.get("min_component_peak"):
@@ -322,8 +323,6 @@ def _postprocess_text(options: Mapping) -> str:
         fraction = options.get("keep_3d_fraction", 1.0)
         steps.append("largest 3-D component per patient kept" if fraction >= 1.0 else
                      f"3-D components of at least {fraction:g} of the largest kept")
-    if options.get("tta"):
-        steps.append("flip test-time augmentation")
     return "; ".join(steps) if steps else "none"
 
 

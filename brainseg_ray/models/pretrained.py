@@ -56,15 +56,22 @@ def imagenet_checkpoint_path(smp_encoder: str) -> str:
     return getattr(module, entry.locator).get_model_file_path()
 
 
+def read_state_dict(path: str, what: str = "encoder weights") -> dict[str, torch.Tensor]:
+    """A local file of tensors only (weights_only=True: a pickle that would run code is refused);
+    ValueError naming `what` and the file otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing file, refused pickle, not a torch file
+        raise ValueError(f"cannot load {what} from {path}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path}: expected a state_dict (a dict of name -> tensor)")
+    return state
+
+
 def imagenet_encoder_state(encoder: nn.Module, path: str) -> dict[str, torch.Tensor]:
     """The checkpoint at `path` as `encoder`'s state_dict, mapped by position and checked tensor by
     tensor: same count, then the same shape at every position (ValueError naming the file)."""
-    try:
-        source = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # missing file, refused pickle, not a torch file
-        raise ValueError(f"cannot read ImageNet encoder weights {path}: {exc}") from None
-    if not isinstance(source, dict) or not all(isinstance(v, torch.Tensor) for v in source.values()):
-        raise ValueError(f"ImageNet encoder weights {path}: not a state_dict of tensors")
+    source = read_state_dict(path, "ImageNet encoder weights")
     source_items = [(k, v) for k, v in source.items() if not k.startswith(_CLASSIFIER_PREFIX)]
     target_items = list(encoder.state_dict().items())
     if len(source_items) != len(target_items):

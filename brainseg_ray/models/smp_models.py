@@ -18,7 +18,12 @@ import torch
 from torch import nn
 
 from brainseg_ray.data.schema import IMAGE_SIZE
-from brainseg_ray.models.pretrained import ENCODER_WEIGHTS, has_imagenet_weights, load_imagenet_weights
+from brainseg_ray.models.pretrained import (
+    ENCODER_WEIGHTS,
+    has_imagenet_weights,
+    load_imagenet_weights,
+    read_state_dict,
+)
 from brainseg_ray.models.spec import Builder, ModelSpec
 
 SMP_PREFIX = "smp:"  # the generic form's names: smp:<Architecture>:<encoder>
@@ -135,12 +140,7 @@ def load_encoder_weights(encoder: nn.Module, path: str) -> None:
     ImageNet checkpoint whose classifier head the encoder lacks. Anything else missing or
     unexpected is a ValueError naming the keys: a half-loaded encoder would train silently worse.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # missing file, refused pickle, not a torch file
-        raise ValueError(f"cannot load encoder weights from {path}: {exc}") from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state_dict (a dict of name -> tensor)")
+    state = read_state_dict(path)
     if state and all(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items()}
     own = set(encoder.state_dict())
