@@ -63,11 +63,11 @@ def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayC
     # The demo's own lines and its table are what a person reads; Ray's workers' per-epoch lines and
     # Ray Data's progress only with verbose.
     ray = ray or RayConfig(log_to_driver=verbose)
-    if not verbose:
+    init_ray(ray)
+    if not verbose:  # after init: Ray Data sets up its own logging when it starts
         import logging
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    init_ray(ray)
     t = step("synthetic data", started)
 
     ingested = ingest(IngestConfig(source=synth.root, out=os.path.join(out, "dataset")))
