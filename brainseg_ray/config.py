@@ -146,6 +146,7 @@ class EvaluateConfig:
     use_gpu: bool | None = None  # see GPU settings above
     gpus_per_actor: float = 1.0
     precision: str = "auto"
+    backend: str = "auto"  # auto | torch | onnxruntime, as the Segmenter's
     worst_slices: int = 12
     s3: S3Options = field(default_factory=S3Options)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -168,8 +169,10 @@ class SegmenterConfig:
     overlay_style: str = "outline"  # outline | tint
     batch_size: int | None = None  # slices per forward pass; None: 16 on a GPU, 2 on a CPU
     precision: str = "auto"
+    # auto: ONNX Runtime on a CPU that computes in float32, torch on a GPU or a CPU with native bf16
+    backend: str = "auto"
     channels_last: bool = True
-    threads: int | None = None  # torch CPU threads (Ray sets 1 in its workers)
+    threads: int | None = None  # CPU threads of the forward pass (Ray sets 1 in its workers)
 
 
 @dataclass
@@ -348,8 +351,10 @@ class ServeConfig:
     cpus_per_replica: float = 2.0
     use_gpu: bool | None = None  # see GPU settings above
     gpus_per_replica: float = 1.0
-    max_batch_size: int = 8  # @serve.batch: concurrent requests share one forward pass
-    batch_wait_timeout_s: float = 0.004  # a lone request waits this long for company
+    max_batch_size: int = 8  # requests that arrive while the model is busy share its next pass
+    # A request that finds the model idle waits this long for company (under load, requests gather
+    # while the model runs, so no wait is needed for batches)
+    batch_wait_timeout_s: float = 0.0
     max_ongoing_requests: int = 32  # per Segmenter replica (several batches' worth)
     ingress_replicas: int = 1
     ingress_max_ongoing_requests: int = 256  # per ingress replica: it mostly waits on the Segmenter

@@ -145,7 +145,9 @@ def write_card(work: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("worst-*.png"):
         stale.unlink()
-    shutil.copyfile(model_dir / meta["weights_file"], out / meta["weights_file"])
+    for name in (meta["weights_file"], meta.get("onnx_file")):  # model.onnx reads the weights file
+        if name:
+            shutil.copyfile(model_dir / name, out / name)
     # model.json names the files of the run by WORK's absolute path; keep them relative to WORK.
     text = (model_dir / "model.json").read_text()
     (out / "model.json").write_text(text.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), "."))

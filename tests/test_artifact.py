@@ -49,7 +49,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, name, resnet18):
     assert next(loaded.model.parameters()).dtype == torch.float32
     assert torch.equal(_outputs(loaded.model), _outputs(model))
     assert loaded.metadata["version"] == version and version.startswith(f"{name}-")
-    assert sorted(os.listdir(tmp_path / "a")) == ["model.json", "weights.safetensors"]
+    assert sorted(os.listdir(tmp_path / "a")) == ["model.json", "model.onnx", "weights.safetensors"]
 
 
 def test_model_json_fields(tmp_path, resnet18):

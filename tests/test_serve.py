@@ -181,6 +181,7 @@ def test_model_metadata_and_openapi(server, model_dir):
     expected = json.loads((Path(model_dir) / "model.json").read_text())
     assert info["model_version"] == expected["version"] and info["artifact"]["weights_sha256"] == expected["weights_sha256"]
     assert info["serving"]["precision"] == "fp32" and info["serving"]["min_component_px"] == 3
+    assert info["serving"]["backend"] == "onnxruntime"  # auto, on a CPU computing in float32
     spec = requests.get(f"{server}/openapi.json", headers=AUTH, timeout=30).json()
     assert {"/v1/segment", "/v1/health", "/v1/model"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
@@ -196,7 +197,10 @@ def test_segment_multipart_and_raw_body_agree(server, slice_tiff):
         assert a[key] == b[key]
     assert a["input"] == {"format": "TIFF", "width": 256, "height": 256, "resized": False, "model_input": [256, 256]}
     assert a["warnings"] == [] and a["batch_size"] >= 1
-    assert set(a["timings_ms"]) == {"decode", "inference", "queue_and_transfer", "encode", "total"}
+    t = a["timings_ms"]
+    assert set(t) == {"parse", "decode", "queue", "batch_wait", "forward", "postprocess", "inference", "return",
+                      "encode", "total"}
+    assert 0 < t["forward"] <= t["inference"] and t["total"] >= t["decode"] + t["inference"]
 
 
 def test_include_mask_and_overlay_and_png_accept(server, slice_tiff):
@@ -391,7 +395,11 @@ def test_32_clients_for_30s_get_only_well_formed_answers(load_run):
     assert result.requests > 100
     assert result.server_errors == 0 and result.statuses == {200: result.requests}, result.problems[:5]
     assert result.problems == []
-    assert max(batch_sizes) > 1  # concurrent requests shared forward passes
+    # Requests that queue while a model runs share its next pass (each pass of b slices answered b
+    # requests). This model runs in milliseconds, so the ingress rather than the model sets the pace:
+    # about 2.5 slices per pass here; bench/serve.py shows the shipped model's.
+    passes = sum(1 / b for b in batch_sizes)
+    assert len(batch_sizes) / passes >= 2, sorted(Counter(batch_sizes).items())
 
 
 def test_autoscaling_from_one_to_two_replicas_under_load(load_run):

@@ -133,7 +133,7 @@ def evaluate(cfg: EvaluateConfig):
                                     min_component_peak=cfg.min_component_peak,
                                     largest_component_3d=cfg.largest_component_3d,
                                     keep_3d_fraction=cfg.keep_3d_fraction, tta=cfg.tta,
-                                    precision=cfg.precision, threads=max(1, int(cpus)))
+                                    precision=cfg.precision, backend=cfg.backend, threads=max(1, int(cpus)))
         scoring = dict(fn_constructor_kwargs=dict(segmenter=segmenter, thresholds=cfg.thresholds, s3=cfg.s3,
                                                   use_gpu=gpus > 0),
                        batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -163,7 +163,8 @@ def evaluate(cfg: EvaluateConfig):
             postprocess=driver_segmenter.postprocess_settings(),
             extra={"data_fingerprint": artifact.metadata.get("data_fingerprint"),
                    "slices_per_s": round(len(ids) / seconds, 2) if seconds > 0 else None,
-                   "precision": predictor.precision, "device": predictor.device.type},
+                   "precision": predictor.precision, "device": predictor.device.type,
+                   "backend": predictor.backend},
         ))
     split = "all" if not cfg.split_file else (f"fold {cfg.fold}" if cfg.fold is not None else cfg.split)
     report = write_report(cfg.out, evaluations, data=cfg.data, split=split, s3=cfg.s3)

@@ -2,21 +2,25 @@
 
     weights.safetensors   the state_dict (weights.pt, a torch.save of a plain state_dict of
                           tensors, when safetensors is not installed); never a pickled model
+    model.onnx            the graph for ONNX Runtime, its parameters read from weights.safetensors
+                          (models/onnx_graph.py); absent from artifacts written before it existed
     model.json            what the weights are: spec, input, normalisation, threshold, training
-                          config, data fingerprint, metrics, version. Written last: its presence
-                          means the artifact is complete.
+                          config, data fingerprint, metrics, version, and the files' SHA-256.
+                          Written last: its presence means the artifact is complete.
 
 `load_artifact` is the one loader every consumer (evaluation, batch inference, serving) uses.
 Weights are read with safetensors or `torch.load(weights_only=True)`, so a file whose unpickling
-would run code is refused, and their SHA-256 is checked against model.json.
+would run code is refused, and their SHA-256 (and model.onnx's) is checked against model.json.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,6 +30,7 @@ from torch import nn
 
 from brainseg_ray import storage
 from brainseg_ray.data.schema import CHANNEL_NAMES, IMAGE_SIZE
+from brainseg_ray.models.onnx_graph import ONNX_FILE, export_onnx
 from brainseg_ray.models.registry import ModelSpec, build_model
 
 FORMAT_VERSION = 1
@@ -38,6 +43,8 @@ try:  # optional: the fallback is a weights_only torch file
     import safetensors.torch as _safetensors
 except ImportError:  # pragma: no cover - safetensors is installed here
     _safetensors = None
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(Exception):
@@ -54,6 +61,9 @@ class ModelArtifact:
     spec: ModelSpec
     metadata: dict  # the content of model.json
     model: nn.Module  # eval mode, float32, CPU
+    weights_file: str = SAFETENSORS_FILE
+    weights: bytes = b""  # the weights file's bytes (model.onnx's external data)
+    onnx: bytes | None = None  # model.onnx, when the artifact has one
 
 
 def save_artifact(
@@ -71,6 +81,7 @@ def save_artifact(
     postprocess: dict | None = None,
     extra: dict | None = None,
     s3: storage.S3Options | None = None,
+    onnx: bool = True,
 ) -> str:
     """Write `model`'s weights and model.json under `uri`; returns the artifact's version.
 
@@ -79,6 +90,7 @@ def save_artifact(
     largest_component_3d) is the post-processing chosen with the threshold, which a Segmenter
     applies unless told otherwise. `extra` adds top-level keys (e.g. where an export came from).
     `s3` reaches an s3:// `uri` (by default the AWS environment's endpoint and region).
+    `onnx=False` leaves model.onnx out (training's checkpoints: only the final model needs one).
     """
     for key in ("mean", "std"):
         values = normalisation.get(key)
@@ -88,6 +100,7 @@ def save_artifact(
     weights_file = SAFETENSORS_FILE if _safetensors is not None else TORCH_FILE
     data = _serialise(state, weights_file)
     digest = hashlib.sha256(data).hexdigest()
+    graph = _onnx_graph(uri, model, state, spec, weights_file, data, input_size) if onnx else None
     version = f"{re.sub(r'[^A-Za-z0-9._-]+', '_', spec.name)}-{digest[:12]}"  # usable as a path or tag
     model_fields = dataclasses.asdict(spec)
     model_fields.pop("encoder_weights_path")  # the weights are in the artifact now
@@ -109,6 +122,7 @@ def save_artifact(
         "dtype": "float16" if half else "float32",
         "weights_file": weights_file,
         "weights_sha256": digest,
+        **({"onnx_file": ONNX_FILE, "onnx_sha256": hashlib.sha256(graph).hexdigest()} if graph else {}),
         **(extra or {}),
     }
     text = json.dumps(metadata, indent=2, sort_keys=False, default=_json_default) + "\n"
@@ -119,8 +133,26 @@ def save_artifact(
         fs, path = storage.filesystem(meta_uri, s3)
         fs.rm(path)
     storage.write_bytes(storage.join(uri, weights_file), data, s3)
+    if graph:
+        storage.write_bytes(storage.join(uri, ONNX_FILE), graph, s3)
     storage.write_bytes(meta_uri, text.encode(), s3)
     return version
+
+
+def _onnx_graph(uri: str, model: nn.Module, state: dict, spec: ModelSpec, weights_file: str, data: bytes,
+                input_size: int) -> bytes | None:
+    """model.onnx for the weights as saved (a float16 artifact's graph computes with the rounded
+    weights, as the loaded torch model does); None, with a warning, where the exporter fails: the
+    torch backend still serves such an artifact."""
+    if weights_file != SAFETENSORS_FILE:
+        return None
+    exported = copy.deepcopy(model).to("cpu").float().eval()
+    exported.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    try:
+        return export_onnx(exported, weights_file, data, input_size, spec.in_channels)
+    except Exception as exc:  # the exporter's errors have no common type
+        log.warning("model artifact %s: no %s written (ONNX export failed: %s)", uri, ONNX_FILE, exc)
+        return None
 
 
 def save_untrained_artifact(uri: str, spec: ModelSpec, *, seed: int = 0, normalisation: dict | None = None,
@@ -157,7 +189,8 @@ def load_artifact(uri: str, s3: storage.S3Options | None = None) -> ModelArtifac
     state = _deserialise(uri, data, weights_file)
     _load_state(uri, spec.name, model, state)
     model.float().eval()
-    return ModelArtifact(spec=spec, metadata=metadata, model=model)
+    return ModelArtifact(spec=spec, metadata=metadata, model=model, weights_file=weights_file, weights=data,
+                         onnx=_verified_onnx(uri, metadata, s3))
 
 
 def resave_artifact(artifact: ModelArtifact, out: str, *, half: bool = False, threshold: float | None = None,
@@ -192,12 +225,13 @@ def export_artifact(source: str, out: str, *, half: bool = False, threshold: flo
 
 
 def check_artifact(uri: str, s3: storage.S3Options | None = None) -> dict:
-    """The artifact's metadata, once its model.json is readable and its weights match their
-    SHA-256; cheaper than load_artifact (no model is built), for a driver that only hands the
+    """The artifact's metadata, once its model.json is readable and its weights (and model.onnx)
+    match their SHA-256; cheaper than load_artifact (no model is built), for a driver that only hands the
     URI on to workers but should refuse a bad artifact before starting them."""
     uri = _resolve(uri)
     metadata = _read_metadata(uri, s3)
     _verified_weights(uri, metadata, s3)
+    _verified_onnx(uri, metadata, s3)
     return metadata
 
 
@@ -223,6 +257,20 @@ def _verified_weights(uri: str, metadata: dict, s3: storage.S3Options | None) ->
     if expected and hashlib.sha256(data).hexdigest() != expected:
         raise ArtifactError(uri, f"{weights_file} does not match the SHA-256 in model.json (changed or partly written)")
     return weights_file, data
+
+
+def _verified_onnx(uri: str, metadata: dict, s3: storage.S3Options | None) -> bytes | None:
+    if not metadata.get("onnx_file"):
+        return None
+    if metadata["onnx_file"] != ONNX_FILE:
+        raise ArtifactError(uri, f"unsupported onnx_file {metadata['onnx_file']!r}")
+    try:
+        graph = storage.read_bytes(storage.join(uri, ONNX_FILE), s3)
+    except (storage.StorageError, OSError) as exc:
+        raise ArtifactError(uri, f"cannot read {ONNX_FILE}: {exc}") from exc
+    if hashlib.sha256(graph).hexdigest() != metadata.get("onnx_sha256"):
+        raise ArtifactError(uri, f"{ONNX_FILE} does not match the SHA-256 in model.json (changed or partly written)")
+    return graph
 
 
 def _read_metadata(uri: str, s3: storage.S3Options | None) -> dict:

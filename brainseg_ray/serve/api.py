@@ -39,7 +39,8 @@ class BackendUnavailable(Exception):
 class Backend(Protocol):
     async def segment(self, image: np.ndarray, overlay: bool) -> dict:
         """{"findings": Findings.as_dict(), "mask": uint8 {0,1} [H,W], "overlay": uint8 [H,W,3] or
-        None, "model_version", "batch_size", "inference_ms"}"""
+        None, "model_version", "batch_size", "inference_ms", and optionally "timings_ms" (the
+        replica's stages: queue, batch_wait, forward, postprocess) and "replied_at" (time.time())}"""
 
     async def health(self) -> dict: ...
 
@@ -110,6 +111,7 @@ def create_app(cfg: ServeConfig, backend: Backend, *, token: str | None = None,
         extras = _parse_include(include)
         as_png = _prefers_png(request.headers.get("accept", ""))
         data, content_type = await _read_slice(request)
+        parsed = time.perf_counter()
         try:
             upload = await run_in_threadpool(decode_upload, data, content_type, cfg.max_image_pixels)
         except UploadError as exc:
@@ -119,7 +121,7 @@ def create_app(cfg: ServeConfig, backend: Backend, *, token: str | None = None,
             result = await backend.segment(upload.image, as_png or "overlay" in extras)
         except BackendUnavailable as exc:
             raise ApiError(503, "unavailable", str(exc), {"Retry-After": "1"}) from exc
-        answered = time.perf_counter()
+        answered, answered_at = time.perf_counter(), time.time()
         findings = result["findings"]
         if as_png:
             png = await run_in_threadpool(encode_png, result["overlay"])
@@ -135,13 +137,9 @@ def create_app(cfg: ServeConfig, backend: Backend, *, token: str | None = None,
         if extras:
             body.update(await run_in_threadpool(_pngs, result, extras))
         finished = time.perf_counter()
-        body["timings_ms"] = {
-            "decode": round((decoded - started) * 1000, 2),
-            "inference": round(result["inference_ms"], 2),
-            "queue_and_transfer": round(max(0.0, (answered - decoded) * 1000 - result["inference_ms"]), 2),
-            "encode": round((finished - answered) * 1000, 2),
-            "total": round((finished - started) * 1000, 2),
-        }
+        body["timings_ms"] = _timings(result, parse=parsed - started, decode=decoded - parsed,
+                                      model=answered - decoded, encode=finished - answered, total=finished - started,
+                                      returned=answered_at - result.get("replied_at", answered_at))
         return body
 
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * 1e6))
@@ -171,6 +169,21 @@ async def _read_slice(request: Request) -> tuple[bytes, str]:
         return await chosen.read(), chosen.content_type or ""
     finally:
         await form.close()
+
+
+def _timings(result: dict, *, parse: float, decode: float, model: float, encode: float, total: float,
+             returned: float) -> dict:
+    """Milliseconds per stage of one request: here (parse, decode, encode), on its way to the
+    replica (queue: the handle's routing and transfer), in the replica (batch_wait for company,
+    forward, postprocess with findings and overlay; inference is the two), back (return)."""
+    replica = result.get("timings_ms") or {}
+    inference = result["inference_ms"]
+    stages = {"parse": parse * 1000, "decode": decode * 1000, "queue": replica.get("queue", 0.0),
+              "batch_wait": replica.get("batch_wait", 0.0), "forward": replica.get("forward", inference),
+              "postprocess": replica.get("postprocess", 0.0), "inference": inference,
+              "return": max(0.0, returned * 1000) if replica else max(0.0, model * 1000 - inference),
+              "encode": encode * 1000, "total": total * 1000}
+    return {k: round(v, 2) for k, v in stages.items()}
 
 
 def _parse_include(include: str | None) -> set[str]:

@@ -9,7 +9,8 @@
     SegmentAPI (ingress: HTTP, decoding, auth, metrics)  ->  Segmenter (the shared Segmenter class;
                                                              @serve.batch, autoscaling replicas)
 
-Concurrent requests meet in the Segmenter replica's batch queue and share one forward pass.
+Requests that arrive while a replica's model is busy wait in its Batcher (serve/batcher.py) and
+share the next forward pass.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from brainseg_ray.config import ServeConfig
 from brainseg_ray.runtime import gpus_per_actor
 from brainseg_ray.serve import settings
 from brainseg_ray.serve.api import BackendUnavailable, create_app
+from brainseg_ray.serve.batcher import Batcher
 
 SEGMENTER_NAME = "Segmenter"
 INGRESS_NAME = "SegmentAPI"
@@ -49,15 +51,16 @@ class SegmenterDeployment:
         # Ray sets OMP_NUM_THREADS=1 in its workers: give torch the CPUs this replica holds.
         threads = cfg.segmenter.threads or max(1, math.floor(cfg.cpus_per_replica))
         # One slice per request: a model's per-patient 3-D post-processing cannot apply here.
+        # Idle threads sleep between requests (spin=False) rather than hold the CPUs that the
+        # proxy and the ingress need to bring the next requests in.
         self.segmenter = Segmenter(dataclasses.replace(cfg.segmenter, threads=threads, largest_component_3d=False),
-                                   s3=cfg.s3, use_gpu=cfg.use_gpu)
+                                   s3=cfg.s3, use_gpu=cfg.use_gpu, spin=False)
         self.cfg = cfg
-        self.segment.set_max_batch_size(cfg.max_batch_size)
-        self.segment.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self.metrics = SegmenterMetrics()
         # Every forward pass on one thread: each new thread calling torch gets its own OpenMP team,
         # and idle teams spinning beside the working one slowed a 2-core machine by half.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segmenter")
+        self._batcher = Batcher(self._segment_batch, self._compute, cfg.max_batch_size, cfg.batch_wait_timeout_s)
         size = int(self.segmenter.metadata["input"]["size"])
         warm_up = np.zeros((1, size, size, 3), np.uint8)
         self._compute.submit(self.segmenter.segment, warm_up).result()  # first-call costs before "ready"
@@ -74,28 +77,37 @@ class SegmenterDeployment:
                 "threshold": opts.threshold, **self.segmenter.postprocess_settings(),
                 "pixel_spacing_mm": opts.pixel_spacing_mm, "overlay_style": seg.overlay_style,
                 "precision": self.segmenter.predictor.precision, "device": str(self.segmenter.predictor.device),
+                "backend": self.segmenter.predictor.backend,
                 "max_batch_size": self.cfg.max_batch_size, "batch_wait_timeout_s": self.cfg.batch_wait_timeout_s,
                 "max_body_mb": self.cfg.max_body_mb,
             },
         }
 
-    # The defaults here are ServeConfig's; __init__ sets the configured values.
-    @serve.batch(max_batch_size=ServeConfig.max_batch_size, batch_wait_timeout_s=ServeConfig.batch_wait_timeout_s)
-    async def segment(self, images: list[np.ndarray], overlays: list[bool]) -> list[dict]:
-        # Off the event loop, so requests arriving meanwhile join the queue for the next batch.
-        return await asyncio.get_running_loop().run_in_executor(self._compute, self._segment_batch, images, overlays)
+    async def segment(self, image: np.ndarray, overlay: bool, sent_at: float = 0.0) -> dict:
+        """One slice; `sent_at` (time.time() at the ingress) times its way here."""
+        arrived = time.time()
+        result = await self._batcher.submit((image, overlay, arrived))
+        result["timings_ms"]["queue"] = max(0.0, (arrived - sent_at) * 1000) if sent_at else 0.0
+        result["replied_at"] = time.time()
+        return result
 
-    def _segment_batch(self, images: list[np.ndarray], overlays: list[bool]) -> list[dict]:
-        started = time.perf_counter()
+    def _segment_batch(self, requests: list[tuple[np.ndarray, bool, float]]) -> list[dict]:
+        """In the compute thread: one forward pass for the requests (image, overlay, arrival)."""
+        started_at, started = time.time(), time.perf_counter()
+        images, overlays, arrivals = zip(*requests)
         stack = np.stack(images)
-        results = self.segmenter.segment(stack)
+        stages: dict[str, float] = {}
+        results = self.segmenter.segment(stack, timings=stages)
         drawn = [self.segmenter.overlay(image, r.mask) if want else None
                  for image, r, want in zip(stack, results, overlays)]
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.metrics.observe_batch(len(images), elapsed_ms, sum(r.findings.tumor_present for r in results))
+        forward_ms = stages["forward_ms"]
         return [{"findings": r.findings.as_dict(), "mask": r.mask, "overlay": o, "batch_size": len(images),
-                 "inference_ms": elapsed_ms, "model_version": self.segmenter.version}
-                for r, o in zip(results, drawn)]
+                 "inference_ms": elapsed_ms, "model_version": self.segmenter.version,
+                 "timings_ms": {"batch_wait": max(0.0, (started_at - arrived) * 1000), "forward": forward_ms,
+                                "postprocess": elapsed_ms - forward_ms}}
+                for r, o, arrived in zip(results, drawn, arrivals)]
 
 
 class HandleBackend:
@@ -109,11 +121,11 @@ class HandleBackend:
         from ray.exceptions import RayActorError
 
         try:
-            return await self.handle.segment.remote(image, overlay)
+            return await self.handle.segment.remote(image, overlay, time.time())
         except RayActorError:
             pass  # the replica died with this request on it: once more, on another replica
         try:
-            return await self.handle.segment.remote(image, overlay)
+            return await self.handle.segment.remote(image, overlay, time.time())
         except RayActorError as exc:
             raise BackendUnavailable(f"the model replica was lost: {type(exc).__name__}") from exc
 

@@ -103,7 +103,7 @@ def _write_checkpoint(folder: str, model, plan: Plan, step, progress: dict, hist
     save_artifact(folder, model, ModelSpec(**plan.spec), normalisation=plan.normalisation,
                   threshold=plan.config["threshold"], training=plan.training_record,
                   data_fingerprint=plan.data_fingerprint, metrics=metrics,
-                  input_size=plan.config["image_size"])
+                  input_size=plan.config["image_size"], onnx=False)
     torch.save({**step.state_dict(), "progress": progress}, os.path.join(folder, TRAINING_STATE_FILE))
     with open(os.path.join(folder, CHECKPOINT_HISTORY_FILE), "w") as f:
         json.dump(history, f)
