@@ -1,10 +1,10 @@
 """The Serve endpoint against a plain single-process app, one run, the same model and slice:
 
-    .venv/bin/python bench/serve.py [--model ARTIFACT | --arch unet-resnet34] [--duration 20]
+    .venv/bin/python bench/serve.py [--model ARTIFACT | --arch unet-efficientnet-lite0] [--duration 20]
                                     [--config serve_config.yaml] [key=value ...]
 
 (a) Serve: serve_config.yaml's application (its args, then key=value overrides) on a local Ray
-    instance: the FastAPI ingress, the Segmenter deployment with @serve.batch and autoscaling.
+    instance: the FastAPI ingress, the Segmenter deployment with its batcher and autoscaling.
 (b) plain: one uvicorn process with a FastAPI app whose sync route (run in FastAPI's thread pool)
     decodes the upload and runs the PyTorch model in fp32, one request at a time per thread: the
     seeds' design.
@@ -13,14 +13,18 @@ Each is driven by 1 and then 8 concurrent keep-alive clients posting the same sl
 multipart upload, after a warm-up of each at that concurrency. Both run at once and take turns
 (--rounds per concurrency), so a drift in the shared machine's speed hits both alike; the plain
 app's figures therefore include Ray's idle processes on the same CPUs. Every figure is printed
-next to its baseline with the ratio; the last line is one JSON object. Without --model a randomly
-initialised artifact of --arch is written (speed does not depend on the weights).
+next to its baseline with the ratio. Serve's answers carry their stage timings: at 1 client the
+server's own overhead (server_overhead_ms_p50: the client's p50 less the median forward pass) and
+at 8 clients the mean slices per forward pass (mean_batch_size_8_clients) are reported too. The last
+line is one JSON object. Without --model a randomly initialised artifact of --arch is written
+(speed does not depend on the weights).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the plain app's route annotations at run time.
 import argparse
 import json
 import os
+import statistics
 import socket
 import subprocess
 import sys
@@ -138,13 +142,23 @@ def measure(urls: dict[str, str], body: bytes, duration_s: float, warmup_s: floa
 
     headers = {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
     figures: dict = {name: {} for name in urls}
+    answers: list[dict] = []  # Serve's measured answers at this concurrency
+
+    def keep(status: int, body: bytes) -> None:
+        if status == 200:
+            answer = json.loads(body)
+            if "timings_ms" in answer:
+                answers.append(answer)
+
     for clients in CLIENTS:
         for url in urls.values():
             run_load(url, body, headers, clients=clients, duration_s=warmup_s)
         totals = {name: LoadResult(clients=clients, duration_s=0.0) for name in urls}
+        answers.clear()
         for _ in range(rounds):
             for name, url in urls.items():
-                result = run_load(url, body, headers, clients=clients, duration_s=duration_s / rounds)
+                result = run_load(url, body, headers, clients=clients, duration_s=duration_s / rounds,
+                                  check=keep if name == "serve" else None)
                 if set(result.statuses) != {200}:
                     raise RuntimeError(f"{name}: answers other than 200 at {clients} clients: "
                                        f"{dict(result.statuses)} {result.problems[:3]}")
@@ -155,13 +169,20 @@ def measure(urls: dict[str, str], body: bytes, duration_s: float, warmup_s: floa
         for name, total in totals.items():
             figures[name][clients] = {"rps": round(total.rps, 2), "p50_ms": round(total.percentile_ms(50), 1),
                                       "p99_ms": round(total.percentile_ms(99), 1), "requests": total.requests}
+        if answers:
+            passes = sum(1 / a["batch_size"] for a in answers)  # a pass of b slices answered b requests
+            figures["serve"][clients].update(
+                forward_ms_p50=round(statistics.median(a["timings_ms"]["forward"] for a in answers), 1),
+                mean_batch_size=round(len(answers) / passes, 2),
+                stages_ms_p50={k: round(statistics.median(a["timings_ms"][k] for a in answers), 2)
+                               for k in answers[0]["timings_ms"]})
     return figures
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
-    parser.add_argument("--arch", default="unet-resnet34")
+    parser.add_argument("--arch", default="unet-efficientnet-lite0", help="the shipped model's architecture")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per concurrency")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up of each app per concurrency")
     parser.add_argument("--rounds", type=int, default=2, help="turns each app takes per concurrency")
@@ -200,6 +221,8 @@ def main() -> int:
             os.environ.pop(cfg.auth_token_env, None)  # no token: the plain app has none either
             init_ray(cfg.ray)
             url = start(cfg)
+            with urllib.request.urlopen(f"{url}v1/model", timeout=30) as response:
+                serving = json.load(response)["serving"]  # what the replicas resolved (backend, precision)
             try:
                 figures = measure({"serve": f"{url}v1/segment", "plain": f"http://127.0.0.1:{port}/v1/segment"},
                                   body, args.duration, args.warmup, args.rounds)
@@ -213,7 +236,7 @@ def main() -> int:
     print(f"bench/serve.py: model {args.model or args.arch}, slice {Path(slice_name).name}, {os.cpu_count()} CPUs, "
           f"{args.duration:g} s per figure; serve: max_batch_size {cfg.max_batch_size}, batch_wait_timeout_s "
           f"{cfg.batch_wait_timeout_s}, replicas {cfg.autoscaling.min_replicas}-{cfg.autoscaling.max_replicas} x "
-          f"{cfg.cpus_per_replica:g} CPU, precision {cfg.segmenter.precision}")
+          f"{cfg.cpus_per_replica:g} CPU, precision {serving['precision']}, backend {serving['backend']}")
     for clients in CLIENTS:
         s, b = ours[clients], base[clients]
         print(f"{clients} client{'s' if clients > 1 else ' '}: requests/s  serve {s['rps']:8.2f}  plain {b['rps']:8.2f}"
@@ -221,7 +244,14 @@ def main() -> int:
         for key in ("p50_ms", "p99_ms"):
             print(f"{clients} client{'s' if clients > 1 else ' '}: {key[:3]} ms    serve {s[key]:8.1f}  plain {b[key]:8.1f}"
                   f"  ratio {s[key] / b[key]:.3f}  delta {s[key] - b[key]:+.1f} ms")
+    overhead = ours[1]["p50_ms"] - ours[1]["forward_ms_p50"]
+    print(f"1 client : server overhead (p50 less the forward pass) {overhead:.1f} ms; stages p50 "
+          f"{ours[1]['stages_ms_p50']}")
+    print(f"8 clients: mean slices per forward pass {ours[8]['mean_batch_size']:.2f}; stages p50 {ours[8]['stages_ms_p50']}")
     print(json.dumps({"serve": {str(c): v for c, v in ours.items()}, "plain": {str(c): v for c, v in base.items()},
+                      "server_overhead_ms_p50": round(overhead, 1),
+                      "mean_batch_size_8_clients": ours[8]["mean_batch_size"],
+                      "backend": serving["backend"], "precision": serving["precision"],
                       "rps_ratio_8_clients": round(ours[8]["rps"] / base[8]["rps"], 3),
                       "p50_delta_ms_1_client": round(ours[1]["p50_ms"] - base[1]["p50_ms"], 1),
                       "model": args.model or args.arch, "cpus": os.cpu_count(), "duration_s": args.duration,
