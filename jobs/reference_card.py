@@ -168,7 +168,8 @@ written by `jobs/reference_card.py` from that script's outputs.
 
 A U-Net (segmentation-models-pytorch `Unet`) on an EfficientNet-Lite0 encoder
 (`timm-tf_efficientnet_lite0`), input the three channels of a 256x256 slice (pre-contrast, FLAIR,
-post-contrast), output one tumour probability per pixel.
+post-contrast), output one tumour probability per pixel. `model.onnx` is its graph for ONNX Runtime
+(the CPU backend), reading the same float16 weights from `weights.safetensors`.
 
 | Setting | Value |
 | --- | --- |
