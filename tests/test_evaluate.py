@@ -20,6 +20,7 @@ def test_a_model_on_an_explicit_s3_endpoint_is_read_with_the_jobs_s3_options(syn
                  "--s3-endpoint", s3.endpoint_url, "worst_slices=1", "precision=fp32"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["models"][0]["model_uri"] == uri and report["models"][0]["metrics"]["num_patients"] == 6
+    assert report["models"][0]["extra"]["backend"] == "onnxruntime"  # auto, computing in float32 on a CPU
 
 
 def test_use_gpu_false_stays_false(synthetic_dataset, tmp_path, monkeypatch):
@@ -35,5 +36,6 @@ def test_use_gpu_false_stays_false(synthetic_dataset, tmp_path, monkeypatch):
     model = tiny_artifact(tmp_path / "model")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     result = evaluate(EvaluateConfig(models=[model], data=synthetic_dataset, out=str(tmp_path / "report"),
-                                     use_gpu=False, worst_slices=1, precision="fp32"))
+                                     use_gpu=False, worst_slices=1, precision="fp32", backend="torch"))
     assert result.report["models"][0]["extra"]["device"] == "cpu"
+    assert result.report["models"][0]["extra"]["backend"] == "torch"
