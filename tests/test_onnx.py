@@ -19,7 +19,7 @@ from brainseg_ray.inference import predictor as predictor_module
 from brainseg_ray.inference.predictor import Predictor
 from brainseg_ray.inference.segmenter import Segmenter
 from brainseg_ray.models import onnx_graph
-from brainseg_ray.models.artifact import ArtifactError, check_artifact, load_artifact, save_untrained_artifact
+from brainseg_ray.models.artifact import ArtifactError, check_artifact, load_artifact
 from brainseg_ray.models.reference import reference_model
 from brainseg_ray.models.spec import ModelSpec
 
@@ -34,14 +34,14 @@ def private_cache(tmp_path, monkeypatch) -> Path:
 
 
 def _artifact(path: Path, name: str = "unet", half: bool = False, **spec) -> str:
-    from brainseg_ray.models.artifact import resave_artifact
+    from brainseg_ray.models.artifact import save_artifact
+    from brainseg_ray.models.registry import build_model
 
-    uri = save_untrained_artifact(str(path / "f32"), ModelSpec(name, **spec), seed=1, normalisation=NORMALISATION,
-                                  input_size=64)
-    if not half:
-        return uri
-    resave_artifact(load_artifact(uri), str(path / "f16"), half=True)
-    return str(path / "f16")
+    torch.manual_seed(1)
+    model_spec = ModelSpec(name, **spec)
+    save_artifact(str(path / "model"), build_model(model_spec).eval(), model_spec, normalisation=NORMALISATION,
+                  input_size=64, half=half)
+    return str(path / "model")
 
 
 def _images(n: int = 4, size: int = 64) -> np.ndarray:
