@@ -119,23 +119,6 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
     assert "| Model |" in (report_dir / "report.md").read_text()
 
 
-def test_two_workers_ddp_to_s3(synthetic_dataset, s3_bucket):
-    """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job."""
-    from brainseg_ray.train.trainer import train
-
-    out = f"{s3_bucket}/runs/ddp"
-    cfg = TrainConfig(data=synthetic_dataset, out=out, epochs=1, num_workers=2, val_fraction=0.34, **TINY)
-    result = train(cfg)
-    assert result.epochs_run == 1 and HISTORY_KEYS <= set(result.history[0])
-    train_slices = json.loads(storage.read_bytes(f"{out}/model/model.json"))["training"]["slices"]["train"]
-    per_worker = train_slices // 2
-    assert result.history[0]["train_samples"] == 2 * (per_worker // cfg.batch_size) * cfg.batch_size
-    for name in ("model.json", "weights.safetensors", "training_state.pt", "history.json"):
-        assert storage.exists(f"{out}/checkpoints/epoch-0001/{name}"), name
-    assert load_artifact(result.model_uri).spec.name == "unet"
-    assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
-
-
 def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
     """min_delta=1 makes any later epoch "no better" than the first: with patience 1 the run must
     stop after epoch 2 of 5, and the model is epoch 1's. The run folder is relative, as a user
@@ -278,16 +261,28 @@ def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run
         assert cleaned["metrics"]["patient_dice"][patient] == pytest.approx(dice(np.stack(masks), truth), abs=1e-9)
 
 
-def test_init_from_starts_training_at_the_artifact(learning_data, trained_run, tmp_path, capsys):
-    """With a learning rate too small to learn anything, one epoch started from the trained
-    artifact validates about as well as it; a mismatched model is refused in one line."""
+def test_init_from_with_two_ddp_workers_to_s3(learning_data, trained_run, s3_bucket, tmp_path, capsys):
+    """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job,
+    starting at the trained artifact: with a learning rate too small to learn anything, one epoch
+    validates about as well as the artifact. A mismatched init_from model is refused in one line."""
     from brainseg_ray.cli import main
     from brainseg_ray.train.trainer import train
 
     data, split_file, _ = learning_data
-    cfg, result = trained_run
-    tuned = train(TrainConfig(data=data, out=str(tmp_path / "tuned"), model="unet", base_filters=8, image_size=128,
-                              batch_size=8, lr=1e-12, epochs=1, split_file=split_file, init_from=result.model_uri))
+    _, result = trained_run
+    out = f"{s3_bucket}/runs/ddp"
+    cfg = TrainConfig(data=data, out=out, model="unet", base_filters=8, image_size=128, batch_size=8, lr=1e-12,
+                      epochs=1, num_workers=2, split_file=split_file, init_from=result.model_uri)
+    tuned = train(cfg)
+    assert tuned.epochs_run == 1 and HISTORY_KEYS <= set(tuned.history[0])
+    train_slices = json.loads(storage.read_bytes(f"{out}/model/model.json"))["training"]["slices"]["train"]
+    per_worker = train_slices // 2
+    assert tuned.history[0]["train_samples"] == 2 * (per_worker // cfg.batch_size) * cfg.batch_size
+    for name in ("model.json", "weights.safetensors", "training_state.pt", "history.json"):
+        assert storage.exists(f"{out}/checkpoints/epoch-0001/{name}"), name
+    assert load_artifact(tuned.model_uri).spec.name == "unet"
+    assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
+
     assert tuned.best_val_patient_dice >= result.best_val_patient_dice - 0.05 >= 0.6
     record = load_artifact(tuned.model_uri).metadata["training"]["init_from"]
     assert record == {"uri": result.model_uri, "version": load_artifact(result.model_uri).metadata["version"]}
