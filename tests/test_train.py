@@ -151,9 +151,10 @@ def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
     return any(checkpoint in p.read_text(errors="ignore") for p in folder.glob("*snapshot*.json"))
 
 
-def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
+def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
     """Kill the whole train job (driver and its Ray) after its first checkpoint; the same command
-    again continues from the saved step and ends with one unbroken history. The run is counted in
+    again, on a running Ray this time (the session's, joined with --address: a Ray start less),
+    continues from the saved step and ends with one unbroken history. The run is counted in
     steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at native
     resolution, half of them centred near tumour; validation sees whole slices."""
     out = tmp_path / "run"
@@ -176,7 +177,8 @@ def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
     done_before = json.loads((out / "history.json").read_text())
     assert 1 <= len(done_before) < 3
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    address = ray_local.get_runtime_context().gcs_address
+    second = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after step" in line]
     assert resumed, second.stdout[-2000:]
