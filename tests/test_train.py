@@ -97,6 +97,8 @@ def test_train_run_folder(learning_data, trained_run):
 
 
 def test_evaluate_reproduces_validation_and_compares_models(learning_data, trained_run, tmp_path):
+    """Two models on the validation patients through the CLI, with a threshold sweep: the sweep row
+    at the model's own threshold is the headline figure."""
     from brainseg_ray.cli import main
 
     data, split_file, _ = learning_data
@@ -104,7 +106,8 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
     first_epoch = next(Path(cfg.out, "checkpoints").glob("epoch-*"))
     report_dir = tmp_path / "report"
     assert main(["evaluate", "--model", result.model_uri, "--model", str(first_epoch), "--data", data,
-                 "--out", str(report_dir), "--split-file", os.path.join(cfg.out, "split.json"), "--split", "val"]) == 0
+                 "--out", str(report_dir), "--split-file", os.path.join(cfg.out, "split.json"), "--split", "val",
+                 "thresholds=[0.05, 0.5, 0.95]"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     best = report["models"][0]
     # The same patients, model and threshold as the training run's validation: the same figure.
@@ -117,6 +120,11 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
     for figure in best["figures"].values():
         assert (report_dir / figure).read_bytes()[:4] == b"\x89PNG"
     assert "| Model |" in (report_dir / "report.md").read_text()
+
+    assert [r["threshold"] for r in best["sweep"]] == [0.05, 0.5, 0.95]
+    assert best["sweep"][1]["patient_dice_mean"] == pytest.approx(best["metrics"]["patient_dice_mean"], abs=1e-12)
+    assert len({r["patient_dice_mean"] for r in best["sweep"]}) == 3  # each threshold cut on its own
+    assert "### Threshold sweep" in (report_dir / "report.md").read_text()
 
 
 def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
@@ -228,9 +236,9 @@ def test_evaluate_refuses_a_missing_model(synthetic_dataset, tmp_path, capsys):
     assert code == 2 and "nothing" in err and "not an artifact" in err
 
 
-def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run, tmp_path):
-    """The sweep row at the model's own threshold is the headline figure; with the 3-D step, each
-    patient's Dice is what the Segmenter gives on that patient's whole stack (checked by hand)."""
+def test_evaluate_post_processing_is_the_segmenters(learning_data, trained_run, tmp_path):
+    """With the 3-D step, each patient's Dice is what the Segmenter gives on that patient's whole
+    stack (checked by hand). (The threshold sweep is checked with the CLI evaluate above.)"""
     from brainseg_ray.config import SegmenterConfig
     from brainseg_ray.data import schema
     from brainseg_ray.data.tables import decode_tensor, read_slices_table
@@ -241,13 +249,6 @@ def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run
     data, split_file, splits = learning_data
     _, result = trained_run
     common = dict(models=[result.model_uri], data=data, split_file=split_file, split="val", worst_slices=2)
-    swept = evaluate(EvaluateConfig(out=str(tmp_path / "sweep"), thresholds=[0.05, 0.5, 0.95], **common)).report
-    model = swept["models"][0]
-    assert [r["threshold"] for r in model["sweep"]] == [0.05, 0.5, 0.95]
-    assert model["sweep"][1]["patient_dice_mean"] == pytest.approx(model["metrics"]["patient_dice_mean"], abs=1e-12)
-    assert len({r["patient_dice_mean"] for r in model["sweep"]}) == 3  # each threshold cut on its own
-    assert "### Threshold sweep" in (tmp_path / "sweep" / "report.md").read_text()
-
     cleaned = evaluate(EvaluateConfig(out=str(tmp_path / "3d"), largest_component_3d=True, min_component_px=20,
                                       **common)).report["models"][0]
     assert cleaned["postprocess"] == {"min_component_px": 20, "min_component_peak": 0.0, "largest_component_3d": True,
