@@ -1,5 +1,5 @@
 """`brainseg demo` end to end on the session's Ray instance, shortened (6 patients of 8-12 slices,
-2 epochs at 64 px): the summary keeps its table, and the Serve step is real: the app `brainseg
+1 epoch at 64 px): the summary keeps its table, and the Serve step is real: the app `brainseg
 serve` builds comes up, one HTTP POST is answered as the bulk job answered that slice, and Serve is
 down again."""
 
@@ -18,7 +18,7 @@ from brainseg_ray.demo import REFERENCE_KEY, reference_on_synthetic, run_demo
 from brainseg_ray.models.reference import REFERENCE_DIR, reference_model
 from conftest import tiny_artifact
 
-SHORT_TRAINING = dict(epochs=2, image_size=64)
+SHORT_TRAINING = dict(epochs=1, image_size=64)
 # Fewer slices than the default 20-30 a patient: every step (the reference model's 256 px passes
 # above all) runs over them, and the story is the same.
 SHORT_PATIENTS = (8, 12)
