@@ -1,4 +1,4 @@
-"""`brainseg demo` end to end on the session's Ray instance, shortened (6 patients of 8-12 slices,
+"""`brainseg demo` end to end on the session's Ray instance, shortened (6 patients of 4-6 slices,
 1 epoch at 64 px): the summary keeps its table, and the Serve step is real: the app `brainseg
 serve` builds comes up, one HTTP POST is answered as the bulk job answered that slice, and Serve is
 down again."""
@@ -21,7 +21,7 @@ from conftest import tiny_artifact
 SHORT_TRAINING = dict(epochs=1, image_size=64)
 # Fewer slices than the default 20-30 a patient: every step (the reference model's 256 px passes
 # above all) runs over them, and the story is the same.
-SHORT_PATIENTS = (8, 12)
+SHORT_PATIENTS = (4, 6)
 KEYS_BEFORE_SERVE = [
     "synthetic patients", "slice files found / ingested / errors", "patients train/val/test", "training",
     "test patients' Dice (held out)", "segmented / errors", "dataset", "model", "training curves",
