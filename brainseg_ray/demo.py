@@ -36,8 +36,10 @@ DEMO_APP = "brainseg-demo"
 
 
 def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayConfig | None = None,
-             log=print, training: dict | None = None, verbose: bool = False) -> dict:
-    """Run the story and return the summary table (key -> text). `training` overrides DEMO_TRAINING."""
+             log=print, training: dict | None = None, verbose: bool = False,
+             slices_per_patient: tuple[int, int] | None = None) -> dict:
+    """Run the story and return the summary table (key -> text). `training` overrides DEMO_TRAINING;
+    `slices_per_patient` (min, max) the synthetic data's default."""
     from brainseg_ray.batch import segment
     from brainseg_ray.data.ingest import ingest
     from brainseg_ray.data.split import assign_splits
@@ -59,7 +61,8 @@ def run_demo(out: str = "demo-out", patients: int = 12, seed: int = 0, ray: RayC
         log(f"demo: {name} done in {timings[name]} s")
         return now
 
-    synth = write_synthetic_dataset(os.path.join(out, "synthetic"), patients=patients, seed=seed)
+    shape = {"slices_per_patient": slices_per_patient} if slices_per_patient else {}
+    synth = write_synthetic_dataset(os.path.join(out, "synthetic"), patients=patients, seed=seed, **shape)
     # The demo's own lines and its table are what a person reads; Ray's workers' per-epoch lines and
     # Ray Data's progress only with verbose.
     ray = ray or RayConfig(log_to_driver=verbose)

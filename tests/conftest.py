@@ -29,6 +29,12 @@ os.environ.update({
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
     "AWS_EC2_METADATA_DISABLED": "true",
+    # Ray Train's controller polls its workers every 2 s by default, so each of the suite's many
+    # short runs waited up to 2 s to start and again to end; 0.5 s saves ~2 s a run.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Its preemption watcher (an actor more a run) waits for cloud nodes being drained, which a test
+    # machine never has: ~1 s a run.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 })
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)

@@ -17,11 +17,14 @@ def run(*args, timeout=300):
                           env={**os.environ, "RAY_ADDRESS": ""})
 
 
-def test_synth_then_ingest_prints_summaries(tmp_path):
+def test_synth_then_ingest_prints_summaries(ray_local, tmp_path):
     synth = run("synth", "--out", str(tmp_path / "syn"), "--patients", "2", "min_slices=4", "max_slices=5")
     assert synth.returncode == 0, synth.stderr
     assert synth.stdout.startswith("synth: 2 patients")
-    ingest = run("ingest", str(tmp_path / "syn" / "kaggle_3m"), "--out", str(tmp_path / "ds"), "ray.num_cpus=2")
+    # On the session's Ray, as a user with Ray running would (a Ray start less); the resume test in
+    # test_train.py runs the command on a Ray of its own.
+    address = ray_local.get_runtime_context().gcs_address
+    ingest = run("ingest", str(tmp_path / "syn" / "kaggle_3m"), "--out", str(tmp_path / "ds"), "--address", address)
     assert ingest.returncode == 0, ingest.stderr
     last = ingest.stdout.strip().splitlines()[-1]
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())

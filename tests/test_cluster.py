@@ -35,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,7 +56,6 @@ UPLOAD_EXCLUDES = [".git", ".venv", "/data", "demo-out", "out", "test-artifacts"
 # The train job's tiny model (tests/test_train.py's TINY) and 2 data-parallel workers, one per node.
 TINY_TRAIN = ["model=unet", "base_filters=4", "image_size=64", "batch_size=4", "augmentation=light",
               "num_workers=2", "cpus_per_worker=1"]
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -123,15 +123,34 @@ class RayCliCluster:
         return self.ray("job", "logs", "--address", self.dashboard_url, job_id, timeout=60).stdout
 
     def wait_for_logs(self, job_id: str, text: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            logs = self.logs(job_id)
-            if text in logs:
-                return logs
+        """The job's logs up to the first line holding `text`, read as `ray job logs --follow`
+        streams them: one CLI start, and the line is seen when it is written (polling `ray job
+        logs` and `ray job status` cost two CLI starts a round)."""
+        cmd = [str(VENV_BIN / "ray"), "job", "logs", "--follow", "--address", self.dashboard_url, job_id]
+        follow = subprocess.Popen(cmd, env=self.env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        lines: list[str] = []
+        found = threading.Event()
+
+        def read() -> None:
+            for line in follow.stdout:
+                lines.append(line)
+                if text in line:
+                    found.set()
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            reader.join(timeout)  # ends at the line, or when the stream ends with the job
+        finally:
+            follow.kill()
+            follow.wait()
+        if not found.is_set():
             status = self.status(job_id)
-            if status in TERMINAL or time.monotonic() > deadline:
-                raise AssertionError(f"job {job_id} is {status} and its logs never showed {text!r}:\n{logs[-6000:]}")
-            time.sleep(2)
+            raise AssertionError(f"job {job_id} is {status} and its logs never showed {text!r}:\n"
+                                 f"{''.join(lines)[-6000:]}")
+        return "".join(lines)
 
     def nodes(self) -> list[dict]:
         out = self.ray("list", "nodes", "--address", self.dashboard_url, "--format", "json", timeout=60)

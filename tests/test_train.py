@@ -97,6 +97,8 @@ def test_train_run_folder(learning_data, trained_run):
 
 
 def test_evaluate_reproduces_validation_and_compares_models(learning_data, trained_run, tmp_path):
+    """Two models on the validation patients through the CLI, with a threshold sweep: the sweep row
+    at the model's own threshold is the headline figure."""
     from brainseg_ray.cli import main
 
     data, split_file, _ = learning_data
@@ -104,7 +106,8 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
     first_epoch = next(Path(cfg.out, "checkpoints").glob("epoch-*"))
     report_dir = tmp_path / "report"
     assert main(["evaluate", "--model", result.model_uri, "--model", str(first_epoch), "--data", data,
-                 "--out", str(report_dir), "--split-file", os.path.join(cfg.out, "split.json"), "--split", "val"]) == 0
+                 "--out", str(report_dir), "--split-file", os.path.join(cfg.out, "split.json"), "--split", "val",
+                 "thresholds=[0.05, 0.5, 0.95]"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
     best = report["models"][0]
     # The same patients, model and threshold as the training run's validation: the same figure.
@@ -118,22 +121,10 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
         assert (report_dir / figure).read_bytes()[:4] == b"\x89PNG"
     assert "| Model |" in (report_dir / "report.md").read_text()
 
-
-def test_two_workers_ddp_to_s3(synthetic_dataset, s3_bucket):
-    """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job."""
-    from brainseg_ray.train.trainer import train
-
-    out = f"{s3_bucket}/runs/ddp"
-    cfg = TrainConfig(data=synthetic_dataset, out=out, epochs=1, num_workers=2, val_fraction=0.34, **TINY)
-    result = train(cfg)
-    assert result.epochs_run == 1 and HISTORY_KEYS <= set(result.history[0])
-    train_slices = json.loads(storage.read_bytes(f"{out}/model/model.json"))["training"]["slices"]["train"]
-    per_worker = train_slices // 2
-    assert result.history[0]["train_samples"] == 2 * (per_worker // cfg.batch_size) * cfg.batch_size
-    for name in ("model.json", "weights.safetensors", "training_state.pt", "history.json"):
-        assert storage.exists(f"{out}/checkpoints/epoch-0001/{name}"), name
-    assert load_artifact(result.model_uri).spec.name == "unet"
-    assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
+    assert [r["threshold"] for r in best["sweep"]] == [0.05, 0.5, 0.95]
+    assert best["sweep"][1]["patient_dice_mean"] == pytest.approx(best["metrics"]["patient_dice_mean"], abs=1e-12)
+    assert len({r["patient_dice_mean"] for r in best["sweep"]}) == 3  # each threshold cut on its own
+    assert "### Threshold sweep" in (report_dir / "report.md").read_text()
 
 
 def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
@@ -168,9 +159,10 @@ def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
     return any(checkpoint in p.read_text(errors="ignore") for p in folder.glob("*snapshot*.json"))
 
 
-def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
+def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
     """Kill the whole train job (driver and its Ray) after its first checkpoint; the same command
-    again continues from the saved step and ends with one unbroken history. The run is counted in
+    again, on a running Ray this time (the session's, joined with --address: a Ray start less),
+    continues from the saved step and ends with one unbroken history. The run is counted in
     steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at native
     resolution, half of them centred near tumour; validation sees whole slices."""
     out = tmp_path / "run"
@@ -193,7 +185,8 @@ def test_resume_after_the_job_is_killed(synthetic_dataset, tmp_path):
     done_before = json.loads((out / "history.json").read_text())
     assert 1 <= len(done_before) < 3
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    address = ray_local.get_runtime_context().gcs_address
+    second = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after step" in line]
     assert resumed, second.stdout[-2000:]
@@ -243,9 +236,9 @@ def test_evaluate_refuses_a_missing_model(synthetic_dataset, tmp_path, capsys):
     assert code == 2 and "nothing" in err and "not an artifact" in err
 
 
-def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run, tmp_path):
-    """The sweep row at the model's own threshold is the headline figure; with the 3-D step, each
-    patient's Dice is what the Segmenter gives on that patient's whole stack (checked by hand)."""
+def test_evaluate_post_processing_is_the_segmenters(learning_data, trained_run, tmp_path):
+    """With the 3-D step, each patient's Dice is what the Segmenter gives on that patient's whole
+    stack (checked by hand). (The threshold sweep is checked with the CLI evaluate above.)"""
     from brainseg_ray.config import SegmenterConfig
     from brainseg_ray.data import schema
     from brainseg_ray.data.tables import decode_tensor, read_slices_table
@@ -256,13 +249,6 @@ def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run
     data, split_file, splits = learning_data
     _, result = trained_run
     common = dict(models=[result.model_uri], data=data, split_file=split_file, split="val", worst_slices=2)
-    swept = evaluate(EvaluateConfig(out=str(tmp_path / "sweep"), thresholds=[0.05, 0.5, 0.95], **common)).report
-    model = swept["models"][0]
-    assert [r["threshold"] for r in model["sweep"]] == [0.05, 0.5, 0.95]
-    assert model["sweep"][1]["patient_dice_mean"] == pytest.approx(model["metrics"]["patient_dice_mean"], abs=1e-12)
-    assert len({r["patient_dice_mean"] for r in model["sweep"]}) == 3  # each threshold cut on its own
-    assert "### Threshold sweep" in (tmp_path / "sweep" / "report.md").read_text()
-
     cleaned = evaluate(EvaluateConfig(out=str(tmp_path / "3d"), largest_component_3d=True, min_component_px=20,
                                       **common)).report["models"][0]
     assert cleaned["postprocess"] == {"min_component_px": 20, "min_component_peak": 0.0, "largest_component_3d": True,
@@ -278,16 +264,28 @@ def test_evaluate_threshold_sweep_and_post_processing(learning_data, trained_run
         assert cleaned["metrics"]["patient_dice"][patient] == pytest.approx(dice(np.stack(masks), truth), abs=1e-9)
 
 
-def test_init_from_starts_training_at_the_artifact(learning_data, trained_run, tmp_path, capsys):
-    """With a learning rate too small to learn anything, one epoch started from the trained
-    artifact validates about as well as it; a mismatched model is refused in one line."""
+def test_init_from_with_two_ddp_workers_to_s3(learning_data, trained_run, s3_bucket, tmp_path, capsys):
+    """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job,
+    starting at the trained artifact: with a learning rate too small to learn anything, one epoch
+    validates about as well as the artifact. A mismatched init_from model is refused in one line."""
     from brainseg_ray.cli import main
     from brainseg_ray.train.trainer import train
 
     data, split_file, _ = learning_data
-    cfg, result = trained_run
-    tuned = train(TrainConfig(data=data, out=str(tmp_path / "tuned"), model="unet", base_filters=8, image_size=128,
-                              batch_size=8, lr=1e-12, epochs=1, split_file=split_file, init_from=result.model_uri))
+    _, result = trained_run
+    out = f"{s3_bucket}/runs/ddp"
+    cfg = TrainConfig(data=data, out=out, model="unet", base_filters=8, image_size=128, batch_size=8, lr=1e-12,
+                      epochs=1, num_workers=2, split_file=split_file, init_from=result.model_uri)
+    tuned = train(cfg)
+    assert tuned.epochs_run == 1 and HISTORY_KEYS <= set(tuned.history[0])
+    train_slices = json.loads(storage.read_bytes(f"{out}/model/model.json"))["training"]["slices"]["train"]
+    per_worker = train_slices // 2
+    assert tuned.history[0]["train_samples"] == 2 * (per_worker // cfg.batch_size) * cfg.batch_size
+    for name in ("model.json", "weights.safetensors", "training_state.pt", "history.json"):
+        assert storage.exists(f"{out}/checkpoints/epoch-0001/{name}"), name
+    assert load_artifact(tuned.model_uri).spec.name == "unet"
+    assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
+
     assert tuned.best_val_patient_dice >= result.best_val_patient_dice - 0.05 >= 0.6
     record = load_artifact(tuned.model_uri).metadata["training"]["init_from"]
     assert record == {"uri": result.model_uri, "version": load_artifact(result.model_uri).metadata["version"]}
