@@ -488,7 +488,7 @@ def test_serve_deploy(cluster, trained, synthetic_source, tmp_path):
             app_status = status.get("applications", {}).get(name, {}).get("status")
             assert app_status not in ("DEPLOY_FAILED", "UNHEALTHY") and time.monotonic() < deadline, \
                 f"application {name} not RUNNING:\n{yaml.safe_dump(status)}"
-            time.sleep(2)
+            time.sleep(0.5)  # `serve status` itself takes ~2 s: a poll every ~2.5 s, not 4
         print(f"serve deploy: {name} RUNNING after {time.monotonic() - started:.1f} s")
         deployments = status["applications"][name]["deployments"]
         assert {d: deployments[d]["status"] for d in deployments} == {"Segmenter": "HEALTHY", "SegmentAPI": "HEALTHY"}
