@@ -175,14 +175,14 @@ def test_the_reference_model_ships_its_graph():
 
 
 def test_onnxruntime_and_torch_agree_on_real_slices(shared_root):
-    """The shipped model through both backends, in float32, on two real patients' slices: the
+    """The shipped model through both backends, in float32, on a real patient's slices: the
     masks agree on at least 99.9 % of pixels, and every slice's findings match (tumour present
     alike, area within 0.5 %)."""
     import tifffile
 
     if reference_model() is None:
         pytest.skip("no reference model shipped")
-    patients = sorted(p for p in shared_root.iterdir() if p.is_dir())[:2]
+    patients = sorted(p for p in shared_root.iterdir() if p.is_dir())[:1]
     files = sorted(f for p in patients for f in p.glob("*.tif") if not f.stem.endswith("_mask"))
     images = np.stack([tifffile.imread(f) for f in files])
     artifact = load_artifact("reference")
