@@ -169,7 +169,7 @@ class SegmenterConfig:
     overlay_style: str = "outline"  # outline | tint
     batch_size: int | None = None  # slices per forward pass; None: 16 on a GPU, 2 on a CPU
     precision: str = "auto"
-    # auto: ONNX Runtime on a CPU that computes in float32, torch on a GPU or a CPU with native bf16
+    # auto: ONNX Runtime (float32) on a CPU unless precision is bf16 by name, torch on a GPU
     backend: str = "auto"
     channels_last: bool = True
     threads: int | None = None  # CPU threads of the forward pass (Ray sets 1 in its workers)

@@ -111,8 +111,9 @@ def test_an_artifact_without_a_graph_is_exported_once_into_the_cache(tmp_path, p
 
 @pytest.mark.parametrize("backend, device, precision, expected", [
     ("auto", "cpu", "fp32", "onnxruntime"),
-    ("auto", "cpu", "bf16", "torch"),  # torch's bf16 on a CPU with native bf16 beats float32 ORT
-    ("auto", "cuda", "bf16", "torch"),
+    ("auto", "cpu", "auto", "onnxruntime"),  # also where auto precision would be bf16 for torch
+    ("auto", "cpu", "bf16", "torch"),  # bf16 by name: only torch has it
+    ("auto", "cuda", "auto", "torch"),
     ("auto", "cuda", "fp32", "torch"),
     ("torch", "cpu", "fp32", "torch"),
     ("onnxruntime", "cpu", "bf16", "onnxruntime"),
@@ -130,7 +131,7 @@ def test_backend_choice_refuses(backend, device, message):
 
 def test_the_predictor_runs_onnxruntime_in_float32_with_its_own_batch_size(tmp_path):
     artifact = load_artifact(_artifact(tmp_path))
-    ort = Predictor(artifact, backend="auto", precision="fp32", threads=1)
+    ort = Predictor(artifact, threads=1)  # the defaults: backend and precision auto
     eager = Predictor(artifact, backend="torch", precision="fp32", threads=1)
     assert (ort.backend, ort.precision, ort.batch_size) == ("onnxruntime", "fp32", 4)
     assert (eager.backend, eager.batch_size) == ("torch", 2)

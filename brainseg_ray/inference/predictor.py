@@ -2,8 +2,8 @@
 
 Preprocessing comes from the artifact (models/inputs.py), so evaluation, the batch job and Serve
 see exactly what training saw. Device, precision and backend follow devices.py (use_gpu None: GPU
-when present; bf16 only on CPUs with native bf16; backend auto: ONNX Runtime on a CPU computing in
-float32, torch elsewhere). Threads are set here, for both backends, from the CPUs the process
+when present; bf16 only on CPUs with native bf16; backend auto: ONNX Runtime in float32 on a CPU
+unless bf16 is asked for by name, torch on a GPU). Threads are set here, for both backends, from the CPUs the process
 was given.
 """
 
@@ -35,7 +35,7 @@ class Predictor:
         self.metadata = artifact.metadata
         self.device = pick_device(use_gpu)
         self.precision = resolve_precision(precision, self.device)
-        self.backend = resolve_backend(backend, self.device, self.precision)
+        self.backend = resolve_backend(backend, self.device, precision)
         self.session = None
         if self.backend == "onnxruntime":
             self.session = self._onnx_session(explicit=backend == "onnxruntime", spin=spin)
