@@ -3,8 +3,8 @@
 Preprocessing comes from the artifact (models/inputs.py), so evaluation, the batch job and Serve
 see exactly what training saw. Device, precision and backend follow devices.py (use_gpu None: GPU
 when present; bf16 only on CPUs with native bf16; backend auto: ONNX Runtime in float32 on a CPU
-unless bf16 is asked for by name, torch on a GPU). Threads are set here, for both backends, from the CPUs the process
-was given.
+unless bf16 is asked for by name, torch on a GPU). Threads are set here, for both backends, from
+the CPUs the process was given.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Predictor:
         self.threshold = float(self.metadata.get("threshold", 0.5))
         self.version = self.metadata.get("version", "")
         model = artifact.model.to(self.device).eval()
-        self.model = model.to(memory_format=torch.channels_last) if channels_last else model
+        self.model = model.to(memory_format=torch.channels_last) if self.channels_last else model
 
     def _onnx_session(self, explicit: bool, spin: bool):
         """The artifact's graph in an ONNX Runtime session; where ORT cannot load, an error when

@@ -7,7 +7,7 @@
 `app` is the application builder: it takes the `args` mapping (a ServeConfig) and binds
 
     SegmentAPI (ingress: HTTP, decoding, auth, metrics)  ->  Segmenter (the shared Segmenter class;
-                                                             @serve.batch, autoscaling replicas)
+                                                             its Batcher, autoscaling replicas)
 
 Requests that arrive while a replica's model is busy wait in its Batcher (serve/batcher.py) and
 share the next forward pass.
