@@ -248,15 +248,7 @@ def _verified_weights(uri: str, metadata: dict, s3: storage.S3Options | None) ->
     weights_file = metadata.get("weights_file", SAFETENSORS_FILE)
     if weights_file not in (SAFETENSORS_FILE, TORCH_FILE):
         raise ArtifactError(uri, f"unsupported weights_file {weights_file!r}")
-    weights_uri = storage.join(uri, weights_file)
-    try:
-        data = storage.read_bytes(weights_uri, s3)
-    except (storage.StorageError, OSError) as exc:
-        raise ArtifactError(uri, f"cannot read {weights_file}: {exc}") from exc
-    expected = metadata.get("weights_sha256")
-    if expected and hashlib.sha256(data).hexdigest() != expected:
-        raise ArtifactError(uri, f"{weights_file} does not match the SHA-256 in model.json (changed or partly written)")
-    return weights_file, data
+    return weights_file, _verified_file(uri, weights_file, metadata.get("weights_sha256"), s3)
 
 
 def _verified_onnx(uri: str, metadata: dict, s3: storage.S3Options | None) -> bytes | None:
@@ -264,13 +256,20 @@ def _verified_onnx(uri: str, metadata: dict, s3: storage.S3Options | None) -> by
         return None
     if metadata["onnx_file"] != ONNX_FILE:
         raise ArtifactError(uri, f"unsupported onnx_file {metadata['onnx_file']!r}")
+    # The graph's hash is required: it was added with the graph, so no artifact lacks it.
+    return _verified_file(uri, ONNX_FILE, metadata.get("onnx_sha256") or "missing", s3)
+
+
+def _verified_file(uri: str, name: str, sha256: str | None, s3: storage.S3Options | None) -> bytes:
+    """The bytes of `name` under `uri`, refused where they do not hash to `sha256` (None: unchecked,
+    as in artifacts written before model.json recorded the weights' hash)."""
     try:
-        graph = storage.read_bytes(storage.join(uri, ONNX_FILE), s3)
+        data = storage.read_bytes(storage.join(uri, name), s3)
     except (storage.StorageError, OSError) as exc:
-        raise ArtifactError(uri, f"cannot read {ONNX_FILE}: {exc}") from exc
-    if hashlib.sha256(graph).hexdigest() != metadata.get("onnx_sha256"):
-        raise ArtifactError(uri, f"{ONNX_FILE} does not match the SHA-256 in model.json (changed or partly written)")
-    return graph
+        raise ArtifactError(uri, f"cannot read {name}: {exc}") from exc
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ArtifactError(uri, f"{name} does not match the SHA-256 in model.json (changed or partly written)")
+    return data
 
 
 def _read_metadata(uri: str, s3: storage.S3Options | None) -> dict:
