@@ -156,19 +156,42 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset,
         train(TrainConfig(**{**vars(cfg), "image_size": 96}))
 
 
+@pytest.mark.parametrize("scores, best_epoch, chosen", [
+    ({1: 0.80, 2: 0.805, 3: 0.79}, 1, 1),  # epoch 2 beat epoch 1 by less than min_delta
+    ({2: 0.805, 3: 0.79}, 1, 2),  # the run's best epoch was not kept: the highest score
+    ({1: 0.80, 2: 0.80}, None, 1),  # no improvement recorded: highest score, earliest of equals
+    ({1: None, 2: 0.70}, None, 2),  # an epoch without a validation figure is never chosen
+])
+def test_the_saved_model_is_the_epoch_the_run_called_best(scores, best_epoch, chosen):
+    from brainseg_ray.train.loop import SCORE
+    from brainseg_ray.train.trainer import chosen_checkpoint
+
+    kept = [(f"epoch-{e}", {"epoch": e, SCORE: s}) for e, s in scores.items()]
+    assert chosen_checkpoint(kept, best_epoch)[0] == f"epoch-{chosen}"
+
+
+def test_no_scored_checkpoint_is_a_training_error():
+    from brainseg_ray.train.loop import SCORE
+    from brainseg_ray.train.trainer import TrainingError, chosen_checkpoint
+
+    with pytest.raises(TrainingError, match="without a checkpoint"):
+        chosen_checkpoint([("epoch-1", {"epoch": 1, SCORE: None})], None)
+
+
 def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
     return any(checkpoint in p.read_text(errors="ignore") for p in folder.glob("*snapshot*.json"))
 
 
 def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
-    """Kill the whole train job (driver and its Ray) after its first checkpoint; the same command
-    again, on a running Ray this time (the session's, joined with --address: a Ray start less),
-    continues from the saved step and ends with one unbroken history. The run is counted in
-    steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at native
-    resolution, half of them centred near tumour; validation sees whole slices."""
+    """Kill the train job's driver after its first checkpoint (Ray then ends the job's trainer and
+    workers); the same command again continues from the saved step and ends with one unbroken
+    history. Both join the session's Ray with --address (no Ray of their own to start). The run
+    is counted in steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at
+    native resolution, half of them centred near tumour; validation sees whole slices."""
     out = tmp_path / "run"
+    address = ray_local.get_runtime_context().gcs_address
     command = [sys.executable, "-m", "brainseg_ray.cli", "train", "--data", synthetic_dataset, "--out", str(out),
-               "val_fraction=0.34", "ray.num_cpus=2", "ray.include_dashboard=false",
+               "--address", address, "val_fraction=0.34",
                *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet",
                "steps=6", "eval_every_steps=2", "schedule=cosine", "crop_size=64", "foreground_fraction=0.5",
                "image_size=256"]
@@ -186,8 +209,7 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
     done_before = json.loads((out / "history.json").read_text())
     assert 1 <= len(done_before) < 3
 
-    address = ray_local.get_runtime_context().gcs_address
-    second = subprocess.run([*command, "--address", address], capture_output=True, text=True, timeout=400)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after step" in line]
     assert resumed, second.stdout[-2000:]

@@ -310,24 +310,34 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     return state, {"uri": cfg.init_from, "version": artifact.metadata.get("version", "")}
 
 
+def chosen_checkpoint(checkpoints: list[tuple], best_epoch: int | None) -> tuple:
+    """Of Ray Train's kept (checkpoint, metrics) pairs, the one the run called best: the epoch of
+    its last improvement by more than `min_delta`, the rule early stopping follows too. Where that
+    one was not kept (a later epoch beat it by less than min_delta and ranked higher), the highest
+    score; among equals the earliest epoch (the simpler model of a plateau)."""
+    ranked = [(c, m) for c, m in checkpoints if m.get(SCORE) is not None]
+    if not ranked:
+        raise TrainingError("training finished without a checkpoint")
+    for checkpoint, metrics in ranked:
+        if best_epoch is not None and metrics["epoch"] == best_epoch:
+            return checkpoint, metrics
+    return max(ranked, key=lambda cm: (cm[1][SCORE], -cm[1]["epoch"]))
+
+
 def _finish(cfg: TrainConfig, result) -> TrainResult:
     """Save the best checkpoint's model again as OUT/model (float16 with half_weights)."""
     from brainseg_ray.models.artifact import load_artifact, resave_artifact
     from brainseg_ray.train.history import read_history
 
-    ranked = [(c, m) for c, m in (result.best_checkpoints or []) if m.get(SCORE) is not None]
-    if not ranked:
-        raise TrainingError("training finished without a checkpoint")
-    # Highest score; among equals the earliest epoch (the simpler model of a plateau).
-    checkpoint, metrics = max(ranked, key=lambda cm: (cm[1][SCORE], -cm[1]["epoch"]))
+    returned = result.return_value or {}
+    progress = returned.get("progress") or {}
+    checkpoint, metrics = chosen_checkpoint(result.best_checkpoints or [], progress.get("best_epoch"))
     model_uri = storage.join(cfg.out, MODEL_DIR)
     with checkpoint.as_directory() as folder:
         artifact = load_artifact(folder)
     resave_artifact(artifact, model_uri, half=cfg.half_weights,
                     training={**artifact.metadata["training"], "epoch": metrics["epoch"]}, s3=cfg.s3)
     history = read_history(cfg.out, cfg.s3)
-    returned = result.return_value or {}
-    progress = returned.get("progress") or {}
     return TrainResult(out=cfg.out, model_uri=model_uri, epochs_run=len(history), best_epoch=metrics["epoch"],
                        best_val_patient_dice=metrics[SCORE] if metrics[SCORE] >= 0 else None,
                        stopped_early=bool(progress.get("stopped_early")),
