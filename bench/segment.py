@@ -174,10 +174,8 @@ def main() -> int:
 
     ensure_torchvision_importable()
     from brainseg_ray.config import RayConfig
-    from brainseg_ray.devices import pick_device, resolve_precision
     from brainseg_ray.runtime import init_ray
 
-    precision = resolve_precision(args.precision, pick_device(None))
     init_ray(RayConfig())
     with tempfile.TemporaryDirectory(prefix="bench-segment-") as tmp:
         work = Path(tmp)
@@ -191,7 +189,8 @@ def main() -> int:
         small = _subset(root, args.small, work / "small" / "kaggle_3m")
         gflop = model_gflop(model)
         peak = peak_gflops()
-        rate_limit, predictor = limit(model, big, args.batch_size, precision, args.backend)
+        # The settings as the job gets them: the Predictor resolves `auto` the same way in both.
+        rate_limit, predictor = limit(model, big, args.batch_size, args.precision, args.backend)
         batch_size, backend, precision = predictor.batch_size, predictor.backend, predictor.precision
         passes = 3 if (predictor.metadata.get("postprocess") or {}).get("tta") else 1
         rate_seed = seed_loop(model, big, work / "seed-out")
