@@ -51,7 +51,8 @@ def trained_run(learning_data, tmp_path_factory):
 
     data, split_file, _ = learning_data
     cfg = TrainConfig(data=data, out=str(tmp_path_factory.mktemp("run") / "run"), model="unet", base_filters=8,
-                      image_size=128, batch_size=8, lr=3e-3, epochs=8, split_file=split_file, keep_checkpoints=2)
+                      image_size=128, batch_size=8, lr=3e-3, epochs=6, split_file=split_file, keep_checkpoints=2)
+    # 6 epochs: held-out patient Dice 0.93 on this data (0.8 is asked below; 5 epochs gave 0.90).
     return cfg, train(cfg)
 
 
@@ -128,34 +129,6 @@ def test_evaluate_reproduces_validation_and_compares_models(learning_data, train
     assert "### Threshold sweep" in (report_dir / "report.md").read_text()
 
 
-def test_early_stopping_ends_the_run_and_keeps_the_best_epoch(synthetic_dataset, tmp_path, monkeypatch):
-    """min_delta=1 makes any later epoch "no better" than the first: with patience 1 the run must
-    stop after epoch 2 of 5, and the model is epoch 1's. The run folder is relative, as a user
-    types it (Ray Train's workers run elsewhere), and model.json records it so: provenance holds
-    no path of the training machine."""
-    from brainseg_ray.train.trainer import train
-
-    monkeypatch.chdir(tmp_path)
-    cfg = TrainConfig(data=synthetic_dataset, out="run", epochs=5, val_fraction=0.34,
-                      early_stopping_patience=1, min_delta=1.0, **TINY)
-    result = train(cfg)
-    assert result.model_uri == str(tmp_path / "run" / "model") and (tmp_path / "run" / "history.json").is_file()
-    assert result.stopped_early and result.epochs_run == 2
-    assert [row["is_best"] for row in result.history] == [True, False]
-    training = load_artifact(result.model_uri).metadata["training"]
-    assert result.best_epoch == 1 and training["epoch"] == 1
-    assert "stopped early" in result.summary_line()
-    assert training["config"]["out"] == "run" and str(tmp_path) not in json.dumps(training)
-    checkpoint = json.loads(next((tmp_path / "run" / "checkpoints").glob("epoch-*/model.json")).read_text())
-    assert checkpoint["training"]["config"]["out"] == "run"
-
-    # The same folder cannot quietly continue a run of another input size.
-    from brainseg_ray.train.trainer import TrainingError
-
-    with pytest.raises(TrainingError, match="other image_size"):
-        train(TrainConfig(**{**vars(cfg), "image_size": 96}))
-
-
 @pytest.mark.parametrize("scores, best_epoch, chosen", [
     ({1: 0.80, 2: 0.805, 3: 0.79}, 1, 1),  # epoch 2 beat epoch 1 by less than min_delta
     ({2: 0.805, 3: 0.79}, 1, 2),  # the run's best epoch was not kept: the highest score
@@ -182,21 +155,23 @@ def _snapshot_lists(folder: Path, checkpoint: str) -> bool:
     return any(checkpoint in p.read_text(errors="ignore") for p in folder.glob("*snapshot*.json"))
 
 
-def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
+def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, monkeypatch, capsys):
     """Kill the train job's driver after its first checkpoint (Ray then ends the job's trainer and
     workers); the same command again continues from the saved step and ends with one unbroken
     history. Both join the session's Ray with --address (no Ray of their own to start). The run
     is counted in steps (a compute budget: 6 steps, a checkpoint every 2) and trains on crops at
-    native resolution, half of them centred near tumour; validation sees whole slices."""
+    native resolution, half of them centred near tumour; validation sees whole slices. The run
+    folder is relative, as a user types it (Ray Train's workers run elsewhere), and model.json
+    records it so: provenance holds no path of the training machine."""
     out = tmp_path / "run"
     address = ray_local.get_runtime_context().gcs_address
-    command = [sys.executable, "-m", "brainseg_ray.cli", "train", "--data", synthetic_dataset, "--out", str(out),
+    command = [sys.executable, "-m", "brainseg_ray.cli", "train", "--data", synthetic_dataset, "--out", "run",
                "--address", address, "val_fraction=0.34",
                *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet",
                "steps=6", "eval_every_steps=2", "schedule=cosine", "crop_size=64", "foreground_fraction=0.5",
                "image_size=256"]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         deadline = time.time() + 240
         while not _snapshot_lists(out / "checkpoints", "epoch-0001"):
@@ -209,7 +184,7 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
     done_before = json.loads((out / "history.json").read_text())
     assert 1 <= len(done_before) < 3
 
-    second = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in (second.stdout + second.stderr).splitlines() if "resuming after step" in line]
     assert resumed, second.stdout[-2000:]
@@ -224,6 +199,16 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path):
     assert history[-1]["lr"] == pytest.approx(TrainConfig().lr / 1000, rel=1e-3)
     meta = load_artifact(str(out / "model")).metadata
     assert meta["input"]["size"] == 256 and meta["training"]["config"]["crop_size"] == 64
+    assert meta["training"]["config"]["out"] == "run" and str(tmp_path) not in json.dumps(meta["training"])
+    checkpoint = json.loads(next((out / "checkpoints").glob("epoch-*/model.json")).read_text())
+    assert checkpoint["training"]["config"]["out"] == "run"
+
+    # The same folder cannot quietly continue a run of another model (refused before any Ray work).
+    from brainseg_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([*command[3:], "base_filters=8"]) == 2
+    assert "other base_filters" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -287,10 +272,12 @@ def test_evaluate_post_processing_is_the_segmenters(learning_data, trained_run, 
         assert cleaned["metrics"]["patient_dice"][patient] == pytest.approx(dice(np.stack(masks), truth), abs=1e-9)
 
 
-def test_init_from_with_two_ddp_workers_to_s3(learning_data, trained_run, s3_bucket, tmp_path, capsys):
+def test_init_from_with_two_ddp_workers_to_s3_stops_early(learning_data, trained_run, s3_bucket, tmp_path, capsys):
     """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job,
-    starting at the trained artifact: with a learning rate too small to learn anything, one epoch
-    validates about as well as the artifact. A mismatched init_from model is refused in one line."""
+    starting at the trained artifact: with a learning rate too small to learn anything, the first
+    epoch validates about as well as the artifact. min_delta=1 makes any later epoch "no better"
+    than the first: with patience 1 the run stops after epoch 2 of 3, and the model is epoch 1's.
+    A mismatched init_from model is refused in one line."""
     from brainseg_ray.cli import main
     from brainseg_ray.train.trainer import train
 
@@ -298,9 +285,12 @@ def test_init_from_with_two_ddp_workers_to_s3(learning_data, trained_run, s3_buc
     _, result = trained_run
     out = f"{s3_bucket}/runs/ddp"
     cfg = TrainConfig(data=data, out=out, model="unet", base_filters=8, image_size=128, batch_size=8, lr=1e-12,
-                      epochs=1, num_workers=2, split_file=split_file, init_from=result.model_uri)
+                      epochs=3, num_workers=2, split_file=split_file, init_from=result.model_uri,
+                      early_stopping_patience=1, min_delta=1.0)
     tuned = train(cfg)
-    assert tuned.epochs_run == 1 and HISTORY_KEYS <= set(tuned.history[0])
+    assert tuned.stopped_early and tuned.epochs_run == 2 and "stopped early" in tuned.summary_line()
+    assert [row["is_best"] for row in tuned.history] == [True, False] and HISTORY_KEYS <= set(tuned.history[0])
+    assert tuned.best_epoch == 1 and load_artifact(tuned.model_uri).metadata["training"]["epoch"] == 1
     train_slices = json.loads(storage.read_bytes(f"{out}/model/model.json"))["training"]["slices"]["train"]
     per_worker = train_slices // 2
     assert tuned.history[0]["train_samples"] == 2 * (per_worker // cfg.batch_size) * cfg.batch_size
