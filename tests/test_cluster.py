@@ -380,9 +380,10 @@ def test_ingest_job(cluster, ingested):
 def test_train_job(cluster, trained):
     from brainseg_ray.models.artifact import load_artifact
 
-    job_id, output, run = trained
-    assert cluster.status(job_id) == "SUCCEEDED"
-    logs = cluster.logs(job_id)
+    job_id, logs, run = trained
+    # `ray job submit` tailed the job's logs to its end and its status (`ray job status` and `ray
+    # job logs` themselves are checked on the ingest job).
+    assert f"Job '{job_id}' succeeded" in logs
     assert "2 worker(s) x 1 CPU" in logs  # one data-parallel worker on each node
     assert "train: epoch 1/1" in logs and "train: 1 epochs" in logs
     assert [row["epoch"] for row in json.loads((run / "history.json").read_text())] == [1]
@@ -399,11 +400,11 @@ def test_segment_job(cluster, trained, synthetic_source, tmp_path):
     job_id, output = cluster.submit("segment", "python", "jobs/segment_archive.py", "--model", str(run / "model"),
                                     "--input", str(synthetic_source), "--output", str(out), "concurrency=2",
                                     "cpus_per_actor=1", "slices_per_task=16")
-    assert cluster.status(job_id) == "SUCCEEDED"
+    assert f"Job '{job_id}' succeeded" in output
     manifest = json.loads((out / "manifest.json").read_text())
     found = len(list(synthetic_source.rglob("*.tif"))) - len(list(synthetic_source.rglob("*_mask.tif")))
     assert manifest["counts"]["found"] == found == manifest["counts"]["ok"]
-    assert f"segment: {found} slice files found, {found} segmented, 0 errors" in cluster.logs(job_id)
+    assert f"segment: {found} slice files found, {found} segmented, 0 errors" in output
     assert len(list((out / "masks").rglob("*_mask.tif"))) == found
     assert len(list((out / "overlays").rglob("*.png"))) == found
     import pyarrow.parquet as pq
@@ -421,14 +422,13 @@ def test_stop_a_running_job(cluster, ingested, tmp_path):
     assert cluster.status(job_id) == "RUNNING"
     stopped = cluster.ray("job", "stop", "--address", cluster.dashboard_url, job_id, timeout=120)
     assert f"Job '{job_id}' was stopped" in stopped.stdout + stopped.stderr
-    assert cluster.status(job_id) == "STOPPED"
     assert not re.search(r"train: \d+ epochs", cluster.logs(job_id))  # no summary line: it never finished
     assert not (tmp_path / "run" / "model").exists()
     # Whatever it had started (the train controller, its workers) is gone: both CPUs are free again.
     deadline = time.monotonic() + 60
     while (free := cluster.free_cpus()) < 2:
         assert time.monotonic() < deadline, f"only {free} CPUs free a minute after the stop"
-        time.sleep(2)
+        time.sleep(0.5)
 
 
 def _serve_status(cluster) -> dict:
