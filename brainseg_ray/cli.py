@@ -187,16 +187,23 @@ def _cmd_demo(args) -> int:
 def _cmd_split(args) -> int:
     import json
 
-    from brainseg_ray.data.split import assign_folds, assign_splits
+    from brainseg_ray.data.split import assign_folds, assign_splits, assign_test_fold
     from brainseg_ray.data.tables import tumour_slices_by_patient
     from brainseg_ray.storage import S3Options, write_bytes
 
     s3 = S3Options(endpoint_url=args.s3_endpoint)
     tumour = tumour_slices_by_patient(args.data, s3)
     fractions = tuple(float(f) for f in args.fractions.split(","))
-    result = {"seed": args.seed, "fractions": fractions, "splits": assign_splits(tumour, fractions, args.seed)}
-    if args.folds:
-        result["folds"] = assign_folds(tumour, args.folds, args.seed)
+    result = {"seed": args.seed, "fractions": fractions}
+    if args.test_fold is not None:
+        if not args.folds:
+            raise ValueError("--test-fold needs --folds")
+        result["test_fold"] = args.test_fold
+        result["splits"], result["folds"] = assign_test_fold(tumour, args.folds, args.test_fold, fractions, args.seed)
+    else:
+        result["splits"] = assign_splits(tumour, fractions, args.seed)
+        if args.folds:
+            result["folds"] = assign_folds(tumour, args.folds, args.seed)
     write_bytes(args.out, json.dumps(result, indent=2).encode(), s3)
     counts = {name: sum(1 for v in result["splits"].values() if v == name) for name in ("train", "val", "test")}
     print(f"split: {len(tumour)} patients -> " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {args.out}")
@@ -227,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="split JSON to write")
     p.add_argument("--fractions", default="0.7,0.15,0.15", help="train,val,test fractions")
     p.add_argument("--folds", type=int, default=0, help="also assign k folds")
+    p.add_argument("--test-fold", dest="test_fold", type=int,
+                   help="cross-validation: fold K of --folds is the test split; --fractions (test 0) splits the rest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--s3-endpoint", dest="s3_endpoint")
     p.set_defaults(func=_cmd_split)

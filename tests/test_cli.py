@@ -36,6 +36,18 @@ def test_synth_then_ingest_prints_summaries(ray_local, tmp_path):
     assert split.returncode == 0, split.stderr
     assert sorted(json.loads((tmp_path / "split.json").read_text())["splits"].values()) == ["train", "val"]
 
+    # One round of cross-validation: fold 1 of 2 is the test split, the other fold trains.
+    cv = run("split", str(tmp_path / "ds"), "--out", str(tmp_path / "cv.json"), "--folds", "2", "--test-fold", "1",
+             "--fractions", "1,0,0")
+    assert cv.returncode == 0, cv.stderr
+    record = json.loads((tmp_path / "cv.json").read_text())
+    assert record["test_fold"] == 1 and sorted(record["splits"].values()) == ["test", "train"]
+    assert [p for p, s in record["splits"].items() if s == "test"] == [p for p, f in record["folds"].items() if f == 1]
+    from brainseg_ray.cli import main
+
+    assert main(["split", str(tmp_path / "ds"), "--out", str(tmp_path / "x.json"), "--folds", "2", "--test-fold", "1",
+                 "--fractions", "0.5,0.25,0.25"]) == 2
+
 
 @pytest.mark.parametrize("args,message", [
     (["ingest", "/nonexistent/data", "--out", "/tmp/x"], "/nonexistent/data: no such folder"),

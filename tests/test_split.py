@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from brainseg_ray.data.split import SPLITS, assign_folds, assign_splits, read_split_file
+from brainseg_ray.data.split import SPLITS, assign_folds, assign_splits, assign_test_fold, read_split_file
 
 
 def cohort(n_tumour: int, n_free: int, seed: int = 0) -> dict[str, int]:
@@ -201,6 +201,36 @@ def test_folds_reject_bad_input(patients, k, message):
 def test_folds_reject_non_integer_k():
     with pytest.raises(TypeError, match="integer"):
         assign_folds(LGG, 2.5)
+
+
+# --- assign_test_fold (one round of cross-validation) ----------------------------------------
+
+
+@pytest.mark.parametrize("k, fractions", [(5, (0.875, 0.125, 0.0)), (3, (0.8, 0.2, 0.0)), (10, (1.0, 0.0, 0.0))])
+def test_test_folds_test_every_patient_once_and_never_train_on_it(k, fractions):
+    patients = cohort(n_tumour=33, n_free=17)
+    tested = Counter()
+    for fold in range(k):
+        splits, folds = assign_test_fold(patients, k, fold, fractions, seed=0)
+        assert folds == assign_folds(patients, k, 0)
+        test = sorted(p for p, s in splits.items() if s == "test")
+        assert test == sorted(p for p, f in folds.items() if f == fold)
+        rest = {p: n for p, n in patients.items() if folds[p] != fold}
+        # train and val are assign_splits' split of the other folds, test share 0
+        assert {p: s for p, s in splits.items() if s != "test"} == assign_splits(rest, fractions, 0)
+        assert splits == assign_test_fold(dict(reversed(list(patients.items()))), k, fold, fractions, 0)[0]
+        tested.update(test)
+    assert set(tested) == set(patients) and set(tested.values()) == {1}
+
+
+@pytest.mark.parametrize("fold, fractions, message", [
+    (5, (0.8, 0.2, 0.0), "test fold must be one of 0..4"),
+    (-1, (0.8, 0.2, 0.0), "test fold must be one of 0..4"),
+    (0, (0.7, 0.15, 0.15), "give a test fraction of 0"),
+])
+def test_test_fold_rejects_bad_input(fold, fractions, message):
+    with pytest.raises(ValueError, match=message):
+        assign_test_fold(cohort(10, 5), 5, fold, fractions)
 
 
 # --- split files read back --------------------------------------------------------------------

@@ -166,6 +166,37 @@ def assign_folds(tumour_slices_by_patient: Mapping[str, int], k: int = 5, seed: 
     return {p: assignment[p] for p in ids}
 
 
+def assign_test_fold(
+    tumour_slices_by_patient: Mapping[str, int],
+    k: int,
+    test_fold: int,
+    fractions: tuple[float, float, float],
+    seed: int = 0,
+) -> tuple[dict[str, str], dict[str, int]]:
+    """One round of k-fold cross-validation as a train/val/test split: the patients of fold
+    ``test_fold`` (of ``assign_folds(..., k, seed)``) are the test split, and the other folds'
+    patients are split into train and val by ``assign_splits`` at ``fractions``, whose test share
+    must be 0. Run once for each fold, every patient is tested exactly once, by a model that
+    never trained or chose anything on it.
+
+    Raises:
+        ValueError: ``test_fold`` outside ``0..k-1``; a non-zero test fraction; and what
+            ``assign_folds`` and ``assign_splits`` raise.
+
+    Returns:
+        ``({patient_id: split}, {patient_id: fold})``, ids in sorted order.
+    """
+    folds = assign_folds(tumour_slices_by_patient, k, seed)
+    if isinstance(test_fold, bool) or not isinstance(test_fold, numbers.Integral) or not 0 <= test_fold < k:
+        raise ValueError(f"test fold must be one of 0..{k - 1}, got {test_fold!r}")
+    if len(fractions) != 3 or fractions[2] != 0:
+        raise ValueError(f"with a test fold the test patients are that fold's: give a test fraction of 0, "
+                         f"got fractions {tuple(fractions)}")
+    rest = {p: n for p, n in tumour_slices_by_patient.items() if folds[p] != test_fold}
+    inner = assign_splits(rest, fractions, seed)
+    return {p: inner.get(p, "test") for p in sorted(tumour_slices_by_patient)}, folds
+
+
 # --- validation -------------------------------------------------------------------------------
 
 
