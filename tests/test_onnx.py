@@ -78,6 +78,17 @@ def test_a_changed_model_onnx_is_refused(tmp_path):
             load(uri)
 
 
+def test_a_graph_without_its_hash_is_refused(tmp_path):
+    uri = _artifact(tmp_path)
+    meta_file = Path(uri) / "model.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["onnx_sha256"]
+    meta_file.write_text(json.dumps(meta))
+    for load in (load_artifact, check_artifact):
+        with pytest.raises(ArtifactError, match="model.json names model.onnx but records no onnx_sha256"):
+            load(uri)
+
+
 def test_checkpoints_leave_the_graph_out(tmp_path):
     from brainseg_ray.models.artifact import save_artifact
     from brainseg_ray.models.registry import build_model

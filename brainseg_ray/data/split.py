@@ -186,12 +186,12 @@ def assign_test_fold(
     Returns:
         ``({patient_id: split}, {patient_id: fold})``, ids in sorted order.
     """
-    folds = assign_folds(tumour_slices_by_patient, k, seed)
     if isinstance(test_fold, bool) or not isinstance(test_fold, numbers.Integral) or not 0 <= test_fold < k:
         raise ValueError(f"test fold must be one of 0..{k - 1}, got {test_fold!r}")
     if len(fractions) != 3 or fractions[2] != 0:
         raise ValueError(f"with a test fold the test patients are that fold's: give a test fraction of 0, "
                          f"got fractions {tuple(fractions)}")
+    folds = assign_folds(tumour_slices_by_patient, k, seed)
     rest = {p: n for p, n in tumour_slices_by_patient.items() if folds[p] != test_fold}
     inner = assign_splits(rest, fractions, seed)
     return {p: inner.get(p, "test") for p in sorted(tumour_slices_by_patient)}, folds

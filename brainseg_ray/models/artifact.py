@@ -256,8 +256,9 @@ def _verified_onnx(uri: str, metadata: dict, s3: storage.S3Options | None) -> by
         return None
     if metadata["onnx_file"] != ONNX_FILE:
         raise ArtifactError(uri, f"unsupported onnx_file {metadata['onnx_file']!r}")
-    # The graph's hash is required: it was added with the graph, so no artifact lacks it.
-    return _verified_file(uri, ONNX_FILE, metadata.get("onnx_sha256") or "missing", s3)
+    if not metadata.get("onnx_sha256"):  # recorded with every graph since graphs were added
+        raise ArtifactError(uri, f"{METADATA_FILE} names {ONNX_FILE} but records no onnx_sha256")
+    return _verified_file(uri, ONNX_FILE, metadata["onnx_sha256"], s3)
 
 
 def _verified_file(uri: str, name: str, sha256: str | None, s3: storage.S3Options | None) -> bytes:
