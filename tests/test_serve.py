@@ -356,7 +356,8 @@ def _watch_replicas(stop: threading.Event, seen: list) -> None:
 
 @pytest.fixture(scope="module")
 def load_run(server, slice_tiff):
-    """32 clients for 20 s, every answer checked, the Segmenter's replicas watched meanwhile."""
+    """32 clients for 20 s, every answer checked, the Segmenter's replicas watched meanwhile (10 s
+    were too short for the autoscaler's averaged request counts to add a replica)."""
     batch_sizes: list[int] = []
 
     def check(status: int, body: bytes) -> str | None:
@@ -438,9 +439,9 @@ def test_a_replica_killed_under_load_is_replaced_and_requests_succeed(server, sl
     assert replicas, "no Segmenter replica alive"
     outcome = {}
     loader = threading.Thread(target=lambda: outcome.setdefault("load", run_load(
-        f"{server}/v1/segment", slice_tiff, {**AUTH, "Content-Type": "image/tiff"}, clients=8, duration_s=12)))
+        f"{server}/v1/segment", slice_tiff, {**AUTH, "Content-Type": "image/tiff"}, clients=8, duration_s=8)))
     loader.start()
-    time.sleep(4)
+    time.sleep(3)
     killed = replicas[0]
     ray_local.kill(ray_local.get_actor(killed, namespace="serve"), no_restart=True)
     loader.join()
