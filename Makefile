@@ -28,8 +28,11 @@ browser:
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
+# Two pytest workers, a whole file each at a time (module fixtures such as the test cluster stay
+# in one worker), longest files first (tests/conftest.py): the suite's Ray, Serve and process
+# start-ups leave one of two cores idle much of the time, which the other worker fills.
 test: bytecode browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: bytecode
 	$(BIN)/python bench/ingest.py

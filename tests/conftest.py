@@ -35,9 +35,23 @@ os.environ.update({
     # Its preemption watcher (an actor more a run) waits for cloud nodes being drained, which a test
     # machine never has: ~1 s a run.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # `make test` runs two pytest workers on two cores: torch's OpenMP threads spinning for work
+    # while the other worker holds a core made training several times slower; they sleep instead.
+    "OMP_WAIT_POLICY": "PASSIVE",
 })
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("RAY_ADDRESS", None)
+
+
+# `make test` hands whole files to two workers (pytest-xdist, `--dist loadfile`) in collection
+# order: the longest files first, so that both workers finish at about the same time.
+LONGEST_FILES_FIRST = ["test_train.py", "test_demo.py", "test_cluster.py", "test_reference_model.py",
+                       "test_segment_job.py", "test_ingest.py", "test_serve.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
