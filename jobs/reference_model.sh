@@ -7,9 +7,11 @@
 # from its checkpoints). On a cluster, run it on the head node (each step joins RAY_ADDRESS).
 #   bash jobs/reference_model.sh [DATA] [WORK]
 # Settings from the environment, for jobs/reference_cv.sh's rounds of cross-validation:
-#   SPLIT      `brainseg split` options (default: 30 train / 5 validation / 15 test patients)
+#   SPLIT      `brainseg split` options (default: 30 train / 5 validation / 15 test patients; with no
+#              test patients, the test steps are skipped and CV must name the figures' source)
 #   DATASET    the ingested dataset, shared by rounds (default WORK/dataset; ingested when absent)
 #   PACKAGE=0  stop after scoring the test patients: no web page check, nothing into the package
+#   CV         a jobs/reference_cv.sh WORK: the card reports its rounds' test figures
 #   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
@@ -22,12 +24,19 @@ REFERENCE=brainseg_ray/reference_model
 SPLIT=${SPLIT:---fractions 0.6,0.1,0.3 --folds 5 --seed 0}
 DATASET=${DATASET:-$WORK/dataset}
 PACKAGE=${PACKAGE:-1}
+CV=${CV:-}
 read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 
 [ -f "$DATASET/manifest.json" ] || $BRAINSEG ingest "$DATA" --out "$DATASET"
 # The test patients are only scored at the end.
 # shellcheck disable=SC2086  # SPLIT is options on purpose
 $BRAINSEG split "$DATASET" --out "$WORK/split.json" $SPLIT
+TEST=$($PYTHON -c 'import json, sys
+print(" ".join(p for p, s in json.load(open(sys.argv[1]))["splits"].items() if s == "test"))' "$WORK/split.json")
+if [ -z "$TEST" ] && [ "$PACKAGE" = 1 ] && [ -z "$CV" ]; then
+  echo "reference_model.sh: the split has no test patients; set CV to a jobs/reference_cv.sh WORK for the card's figures" >&2
+  exit 2
+fi
 
 train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its checkpoints
   local run=$1; shift
@@ -94,25 +103,26 @@ echo "chosen: $STAGE, $PLANE, $VOLUME -> $FLAGS"
 # shellcheck disable=SC2086
 $BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD $FLAGS
 
+# Scoring is in fp32 everywhere, so the card's figures hold on CPUs with and without bf16.
+$BRAINSEG evaluate --model "$WORK/model" --data "$DATASET" --split-file "$WORK/split.json" --split val \
+  --out "$WORK/val-exported" precision=fp32
 # The held-out test patients, as a user would run them: their slice files through the bulk job,
 # its mask files scored against the reference masks; `brainseg evaluate` for the same figures.
-# Scoring is in fp32 everywhere, so the card's figures hold on CPUs with and without bf16.
-mkdir -p "$WORK/test-source/kaggle_3m"
-for patient in $($PYTHON -c 'import json, sys
-print(" ".join(p for p, s in json.load(open(sys.argv[1]))["splits"].items() if s == "test"))' "$WORK/split.json"); do
-  ln -sfn "$(cd "$DATA" && find "$PWD" -maxdepth 2 -type d -name "$patient" | head -1)" "$WORK/test-source/kaggle_3m/$patient"
-done
-$BRAINSEG segment --model "$WORK/model" --input "$WORK/test-source" --output "$WORK/test-segment" \
-  segmenter.precision=fp32
-$BRAINSEG score "$WORK/test-segment" --truth "$WORK/test-source" --out "$WORK/test-score.json"
-for split in val test; do
-  $BRAINSEG evaluate --model "$WORK/model" --data "$DATASET" --split-file "$WORK/split.json" --split $split \
-    --out "$WORK/$split-exported" precision=fp32
-done
+if [ -n "$TEST" ]; then
+  mkdir -p "$WORK/test-source/kaggle_3m"
+  for patient in $TEST; do
+    ln -sfn "$(cd "$DATA" && find "$PWD" -maxdepth 2 -type d -name "$patient" | head -1)" "$WORK/test-source/kaggle_3m/$patient"
+  done
+  $BRAINSEG segment --model "$WORK/model" --input "$WORK/test-source" --output "$WORK/test-segment" \
+    segmenter.precision=fp32
+  $BRAINSEG score "$WORK/test-segment" --truth "$WORK/test-source" --out "$WORK/test-score.json"
+  $BRAINSEG evaluate --model "$WORK/model" --data "$DATASET" --split-file "$WORK/split.json" --split test \
+    --out "$WORK/test-exported" precision=fp32
+fi
 [ "$PACKAGE" = 1 ] || exit 0
 # The web page on the test patients' slices, through Chromium (where it is installed).
-if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+if [ -n "$TEST" ] && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
   $PYTHON jobs/reference_web_check.py "$WORK/test-source" --model "$WORK/model" --out "$WORK/web-check.json"
 fi
 # The card, its pictures and the artifact, into the package.
-$PYTHON jobs/reference_card.py "$WORK" --out "$REFERENCE"
+$PYTHON jobs/reference_card.py "$WORK" --out "$REFERENCE" ${CV:+--cv "$CV"}

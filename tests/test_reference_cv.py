@@ -14,32 +14,73 @@ reference_cv = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reference_cv)
 
 
-def _score(dice: dict[str, float], detection: tuple[int, int, int, int], pixel: tuple[int, int, int, int]) -> dict:
-    """A `brainseg score` JSON with just the fields the pooling reads."""
-    return {"metrics": {"patient_dice": dice, "detection": dict(zip(("tp", "fp", "fn", "tn"), detection)),
-                        "pixel": dict(zip(("tp", "fp", "fn", "tn"), pixel))}}
+def _metrics(dice: dict[str, float], detection: tuple[int, int, int, int], pixel: tuple[int, int, int, int],
+             slice_dice: float | None = 0.5, tumour_slices: int = 1) -> dict:
+    """The metrics of `brainseg score` or `brainseg evaluate`, with just the fields the pooling reads."""
+    return {"patient_dice": dice, "detection": dict(zip(("tp", "fp", "fn", "tn"), detection)),
+            "pixel": dict(zip(("tp", "fp", "fn", "tn"), pixel)), "num_slices": sum(detection),
+            "num_tumour_slices": tumour_slices, "slice_dice_mean": slice_dice}
+
+
+def _round(work: Path, name: str, segment: dict, evaluate: dict, web: dict | None = None) -> None:
+    (work / name / "test-exported").mkdir(parents=True)
+    (work / name / "test-score.json").write_text(json.dumps({"metrics": segment}))
+    (work / name / "test-exported" / "report.json").write_text(json.dumps({"models": [{"metrics": evaluate}]}))
+    if web is not None:
+        (work / name / "web-check.json").write_text(json.dumps(web))
+
+
+def _web(free: int, free_present: list[str], tumour: int, tumour_present: int) -> dict:
+    return {"tumour_free": free, "tumour_free_said_present": len(free_present), "tumour": tumour,
+            "tumour_said_present": tumour_present, "tumour_free_files_said_present": free_present}
 
 
 def test_rounds_pool_into_every_patient_once_and_summed_counts(tmp_path):
-    (tmp_path / "fold-0").mkdir()
-    (tmp_path / "fold-1").mkdir()
-    (tmp_path / "fold-0" / "test-score.json").write_text(json.dumps(_score({"a": 0.9, "b": 0.0}, (8, 1, 2, 9),
-                                                                           (90, 10, 30, 1000))))
-    (tmp_path / "fold-1" / "test-score.json").write_text(json.dumps(_score({"c": 0.6}, (2, 1, 0, 10), (10, 0, 10, 500))))
+    first = _metrics({"a": 0.9, "b": 0.0}, (8, 1, 2, 9), (90, 10, 30, 1000), slice_dice=0.6, tumour_slices=10)
+    second = _metrics({"c": 0.6}, (2, 1, 0, 10), (10, 0, 10, 500), slice_dice=0.3, tumour_slices=2)
+    _round(tmp_path, "fold-0", first, {**first, "patient_dice": {"a": 0.9005, "b": 0.0}}, _web(9, ["x.tif"], 10, 9))
+    _round(tmp_path, "fold-1", second, second, _web(11, [], 2, 2))
     assert reference_cv.main(tmp_path) == 0
     pooled = json.loads((tmp_path / "cv-score.json").read_text())
-    assert pooled["rounds"] == ["fold-0", "fold-1"] and pooled["num_patients"] == 3
-    assert pooled["patient_dice_mean"] == pytest.approx(0.5) and pooled["patient_dice_median"] == pytest.approx(0.6)
-    assert pooled["patients_under_0.5"] == ["b"]
-    assert pooled["detection"]["sensitivity"] == pytest.approx(10 / 12)  # (8 + 2) / (8 + 2 + 2 + 0)
-    assert pooled["detection"]["specificity"] == pytest.approx(19 / 21)
-    assert pooled["pixel"]["precision"] == pytest.approx(100 / 110) and pooled["pixel"]["recall"] == pytest.approx(100 / 140)
+    segment = pooled["segment"]
+    assert segment["rounds"] == ["fold-0", "fold-1"] and segment["num_patients"] == 3
+    assert segment["patient_dice_mean"] == pytest.approx(0.5) and segment["patient_dice_median"] == pytest.approx(0.6)
+    assert segment["patients_under_0.5"] == ["b"]
+    assert segment["detection"]["sensitivity"] == pytest.approx(10 / 12)  # (8 + 2) / (8 + 2 + 2 + 0)
+    assert segment["detection"]["specificity"] == pytest.approx(19 / 21)
+    assert segment["pixel"]["precision"] == pytest.approx(100 / 110)
+    assert segment["pixel"]["recall"] == pytest.approx(100 / 140)
+    assert segment["slice_dice_mean"] == pytest.approx((0.6 * 10 + 0.3 * 2) / 12)  # weighed by tumour slices
+    assert segment["num_slices"] == 33 and segment["num_tumour_slices"] == 12
+    assert pooled["evaluate"]["patient_dice"]["a"] == 0.9005
+    assert pooled["largest_dice_difference"] == pytest.approx(0.0005)
+    web = pooled["web"]
+    assert (web["tumour_free"], web["tumour_free_said_present"], web["tumour"], web["tumour_said_present"]) == \
+        (20, 1, 12, 11)
+    assert web["tumour_free_said_absent_share"] == pytest.approx(19 / 20)
+    assert web["tumour_free_files_said_present"] == ["x.tif"]
+
+
+def test_no_web_check_is_none_and_a_round_without_tumour_slices_counts(tmp_path):
+    free = _metrics({"d": 1.0}, (0, 0, 0, 12), (0, 0, 0, 100), slice_dice=None, tumour_slices=0)
+    _round(tmp_path, "fold-0", free, free)
+    pooled = reference_cv.pool_rounds([tmp_path / "fold-0"])
+    assert pooled["web"] is None and pooled["segment"]["slice_dice_mean"] is None
+    assert pooled["segment"]["detection"]["sensitivity"] is None
+    assert pooled["segment"]["detection"]["specificity"] == 1.0
 
 
 def test_a_patient_in_two_rounds_is_refused():
     with pytest.raises(ValueError, match="fold-1: patients already scored in another round: a"):
-        reference_cv.pool({"fold-0": _score({"a": 0.9}, (1, 0, 0, 1), (1, 0, 0, 1)),
-                           "fold-1": _score({"a": 0.8}, (1, 0, 0, 1), (1, 0, 0, 1))})
+        reference_cv.pool({"fold-0": _metrics({"a": 0.9}, (1, 0, 0, 1), (1, 0, 0, 1)),
+                           "fold-1": _metrics({"a": 0.8}, (1, 0, 0, 1), (1, 0, 0, 1))})
+
+
+def test_mask_files_and_evaluate_scoring_different_patients_is_refused(tmp_path):
+    _round(tmp_path, "fold-0", _metrics({"a": 0.9}, (1, 0, 0, 1), (1, 0, 0, 1)),
+           _metrics({"b": 0.9}, (1, 0, 0, 1), (1, 0, 0, 1)))
+    with pytest.raises(ValueError, match=r"scored different patients: \['a', 'b'\]"):
+        reference_cv.pool_rounds([tmp_path / "fold-0"])
 
 
 def test_no_rounds_is_one_line_and_exit_2(tmp_path, capsys):
