@@ -51,8 +51,8 @@ def trained_run(learning_data, tmp_path_factory):
 
     data, split_file, _ = learning_data
     cfg = TrainConfig(data=data, out=str(tmp_path_factory.mktemp("run") / "run"), model="unet", base_filters=8,
-                      image_size=128, batch_size=8, lr=3e-3, epochs=6, split_file=split_file, keep_checkpoints=2)
-    # 6 epochs: held-out patient Dice 0.93 on this data (0.8 is asked below; 5 epochs gave 0.90).
+                      image_size=128, batch_size=8, lr=3e-3, epochs=5, split_file=split_file, keep_checkpoints=2)
+    # 5 epochs: held-out patient Dice 0.90 on this data (0.8 is asked below; 6 epochs gave 0.93).
     return cfg, train(cfg)
 
 
