@@ -4,8 +4,9 @@ the exported artifact beside it into the package.
     python jobs/reference_card.py WORK --out brainseg_ray/reference_model [--cv CV_WORK]
 
 The test figures come from WORK's own test patients, or with --cv from the rounds of
-jobs/reference_cv.sh's cross-validation (each round's model on the patients it never saw). Every figure on the card is read from a file the project's own jobs wrote (train histories,
-evaluate reports, the bulk job's output and `brainseg score`'s JSON); nothing is typed in.
+jobs/reference_cv.sh's cross-validation (each round's model on the patients it never saw). Every
+figure on the card is read from a file the project's own jobs wrote (train histories, evaluate
+reports, the bulk job's output and `brainseg score`'s JSON); nothing is typed in.
 Paths on the card are relative to WORK, so the card says the same on any machine.
 """
 
@@ -96,14 +97,15 @@ def _stage_rows(work: Path) -> tuple[list[str], float]:
     return rows, minutes_all
 
 
-def _worst_pictures(rounds: list[Path], out: Path, dice: dict[str, float], n: int = 3) -> list[str]:
-    """The n test patients of lowest Dice (of the rounds' bulk jobs): each one's slice of most wrong
-    pixels, with the reference outlined in green and the model's mask in red."""
+def _worst_pictures(round_of: dict[str, Path], out: Path, dice: dict[str, float], n: int = 3) -> list[str]:
+    """The n test patients of lowest Dice (of the rounds' bulk jobs; `round_of`: patient -> the
+    build folder that tested it): each one's slice of most wrong pixels, with the reference
+    outlined in green and the model's mask in red."""
     import pyarrow.parquet as pq
 
     lines = []
     for rank, patient in enumerate(sorted(dice, key=dice.get)[:n], start=1):
-        work = next(w for w in rounds if patient in _json(w / "test-score.json")["metrics"]["patient_dice"])
+        work = round_of[patient]
         results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
         source = work / "test-source" / "kaggle_3m"
         worst, worst_wrong = None, -1
@@ -149,7 +151,9 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     score, test, web = pooled["segment"], pooled["evaluate"], pooled["web"]
     tested = "cross-validation" if cv else "test"
     n_test = score["num_patients"]
-    scored = sum(_json(r / "test-score.json")["scored"] for r in rounds)
+    scores = {r: _json(r / "test-score.json") for r in rounds}
+    scored = sum(s["scored"] for s in scores.values())
+    round_of = {p: r for r, s in scores.items() for p in s["metrics"]["patient_dice"]}
     model_dir = work / "model"
     artifact = load_artifact(str(model_dir))
     meta = artifact.metadata
@@ -171,7 +175,7 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     # model.json names the files of the run by WORK's absolute path; keep them relative to WORK.
     text = (model_dir / "model.json").read_text()
     (out / "model.json").write_text(text.replace(f"{work.resolve()}/", "").replace(str(work.resolve()), "."))
-    worst = _worst_pictures(rounds, out, score["patient_dice"])
+    worst = _worst_pictures(round_of, out, score["patient_dice"])
     per_patient = [f"| {p} | {_f(d)} |" for p, d in sorted(score["patient_dice"].items(), key=lambda x: x[1])]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "MODEL_CARD.md") / 2**20
 

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from brainseg_ray import storage
@@ -107,8 +108,6 @@ def patients_dataset(uri: str, s3: storage.S3Options | None, patients: list[str]
                      shuffle_seed: int | None = None):
     """A lazy Ray dataset of the labelled slices of `patients` (what training and evaluation use)."""
     import ray
-
-    import pyarrow.fs as pafs
 
     fs, path = storage.arrow_filesystem(storage.join(uri, schema.SLICES_DIR), s3)
     files = sum(1 for f in fs.get_file_info(pafs.FileSelector(path)) if f.path.endswith(".parquet"))
