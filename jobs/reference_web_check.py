@@ -60,7 +60,9 @@ def check(source: Path, model: str, port: int) -> dict:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    slices = sorted(Path(folder, name) for folder, _, names in os.walk(source, followlinks=True)  # linked patients
+    # Absolute: chromedriver refuses to upload a relative path (reference_cv.sh's rounds pass one).
+    # followlinks: the patients are linked in.
+    slices = sorted(Path(folder, name).absolute() for folder, _, names in os.walk(source, followlinks=True)
                     for name in names if name.endswith(".tif") and not name.endswith("_mask.tif"))
     if not slices:
         raise SystemExit(f"{source}: no slice files")
