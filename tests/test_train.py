@@ -91,7 +91,7 @@ def test_train_run_folder(learning_data, trained_run):
     meta = artifact.metadata
     manifest = json.loads(Path(data, "manifest.json").read_text())
     assert meta["data_fingerprint"] == manifest["fingerprint"]
-    assert meta["input"]["size"] == cfg.image_size and meta["architecture"] == "unet"
+    assert meta["input"]["size"] == 64 and meta["architecture"] == "unet"
     assert meta["training"]["epoch"] == best["epoch"]
     assert meta["training"]["split"]["val"] == sorted(p for p, s in splits.items() if s == "val")
     assert meta["metrics"]["validation"]["patient_dice_mean"] == pytest.approx(best["val_patient_dice"])
