@@ -4,7 +4,8 @@
 # evaluate (stage, post-processing and threshold chosen on the validation patients by rules fixed
 # before any was run) -> export -> the held-out test patients through `brainseg segment` and
 # `brainseg score` -> the card. Rerunning it continues where it stopped (each train stage resumes
-# from its checkpoints). On a cluster, run it on the head node (each step joins RAY_ADDRESS).
+# from its checkpoints; a finished one is skipped). On a cluster, run it on the head node (each
+# step joins RAY_ADDRESS).
 #   bash jobs/reference_model.sh [DATA] [WORK]
 # Settings from the environment, for jobs/reference_cv.sh's rounds of cross-validation:
 #   SPLIT      `brainseg split` options (default: 30 train / 5 validation / 15 test patients; with no
@@ -41,6 +42,8 @@ fi
 
 train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its checkpoints
   local run=$1; shift
+  # A finished stage (its model saved) is skipped: rerunning the choices costs no training.
+  [ ! -f "$WORK/$run/model/model.json" ] || { echo "train: $WORK/$run is finished"; return 0; }
   $BRAINSEG train --data "$DATASET" --out "$WORK/$run" --model $MODEL --num-workers 1 \
     "split_file=$WORK/split.json" batch_size=8 augmentation=natural loss=bce_dice schedule=cosine \
     early_stopping_patience=0 keep_checkpoints=3 "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
