@@ -27,7 +27,8 @@ from brainseg_ray.data.decode import read_pixels  # noqa: E402
 from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
-from reference_cv import pool_rounds  # noqa: E402  (beside this script)
+import reference_choice  # noqa: E402  (beside this script)
+from reference_cv import pool_rounds  # noqa: E402
 
 STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 256 px slices"}
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
@@ -41,19 +42,11 @@ def _json(path: Path):
 
 
 def _report(work: Path, name: str) -> dict:
-    return _json(work / "choice" / name / "report.json")["models"][0]
+    return reference_choice.report_model(work, name)
 
 
 def _metrics(work: Path, name: str) -> dict:
     return _report(work, name)["metrics"]
-
-
-def _score(work: Path, name: str) -> float:
-    """The choice rule of jobs/reference_model.sh: patient Dice + detection specificity, less 0.01
-    for flip TTA (three forward passes a slice)."""
-    report = _report(work, name)
-    m = report["metrics"]
-    return m["patient_dice_mean"] + m["detection"]["specificity"] - 0.01 * report["postprocess"]["tta"]
 
 
 def _f(value) -> str:
@@ -68,10 +61,6 @@ def _row(label: str, m: dict) -> str:
             f"{_f(d['specificity'])} |")
 
 
-def _chosen(work: Path, names: list[str]) -> str:
-    return max(names, key=lambda n: (_score(work, n), -names.index(n)))
-
-
 def _choice_rows(work: Path, names: dict, chosen: str) -> list[str]:
     rows = []
     for name, label in names.items():
@@ -80,21 +69,16 @@ def _choice_rows(work: Path, names: dict, chosen: str) -> list[str]:
         m = _metrics(work, name)
         d = m["detection"]
         rows.append(f"| {label} | {_f(m['patient_dice_mean'])} | {_f(d['sensitivity'])} | {_f(d['specificity'])} | "
-                    f"{_f(_score(work, name))} | {'chosen' if name == chosen else ''} |")
+                    f"{_f(reference_choice.model_score(_report(work, name)))} | {'chosen' if name == chosen else ''} |")
     return rows
 
 
 def _threshold_rows(work: Path, plane: str, chosen: float) -> list[str]:
     """The one-slice winner's predictions cut at its threshold and at each of its sweep's, scored
     by the same rule (its report's sweep: one pass)."""
-    report = _report(work, plane)
-    m = report["metrics"]
-    rows = [{"threshold": report["threshold"], "patient_dice_mean": m["patient_dice_mean"],
-             "sensitivity": m["detection"]["sensitivity"], "specificity": m["detection"]["specificity"]},
-            *report["sweep"]]
     return [f"| {r['threshold']:g} | {_f(r['patient_dice_mean'])} | {_f(r['sensitivity'])} | {_f(r['specificity'])} | "
-            f"{_f(r['patient_dice_mean'] + r['specificity'])} | {'chosen' if r['threshold'] == chosen else ''} |"
-            for r in rows]
+            f"{_f(r['score'])} | {'chosen' if r['threshold'] == chosen else ''} |"
+            for r in reference_choice.threshold_rows(_report(work, plane))]
 
 
 def _stage_rows(work: Path) -> tuple[list[str], float]:
@@ -173,9 +157,9 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     params = sum(p.numel() for p in artifact.model.parameters())
     stage_rows, minutes = _stage_rows(work)
     cv_minutes = sum(_stage_rows(r)[1] for r in rounds) if cv else 0.0
-    stage = _chosen(work, ["stage1", "stage2"])
-    plane = _chosen(work, list(PLANE))
-    volume = _chosen(work, ["2d-threshold", *VOLUME])
+    stage = reference_choice.best(work, ["stage1", "stage2"])
+    plane = reference_choice.best(work, list(PLANE))
+    volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
     val = _json(work / "val-exported" / "report.json")["models"][0]["metrics"]
     post = meta["postprocess"]
 
@@ -244,8 +228,8 @@ Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, n
 ## How it was chosen (validation patients)
 
 Rules fixed before any run: each choice maximises the score, mean patient Dice + slice detection
-specificity (Dice alone would keep false-positive slices), less 0.01 for flip TTA (it triples the
-cost of every slice); ties go to the simpler option. Stage: {stage}.
+specificity (Dice alone would keep false-positive slices), less {reference_choice.TTA_COST:g} for
+flip TTA (it triples the cost of every slice); ties go to the simpler option. Stage: {stage}.
 
 | stage (no post-processing) | patient Dice | detection sensitivity | detection specificity | score | |
 | --- | ---: | ---: | ---: | ---: | --- |

@@ -23,6 +23,7 @@ MODEL=unet-efficientnet-lite0  # its encoder starts from ImageNet weights (an in
 THRESHOLD=0.5  # where the choices start; the one-slice step may move it to one of THRESHOLDS
 THRESHOLDS=0.4,0.3,0.2  # lower cuts: every model so far drew lesions too small (recall < precision)
 REFERENCE=brainseg_ray/reference_model
+JOBS=$(dirname "$0")
 SPLIT=${SPLIT:---fractions 0.6,0.1,0.3 --folds 5 --seed 0}
 DATASET=${DATASET:-$WORK/dataset}
 PACKAGE=${PACKAGE:-1}
@@ -58,15 +59,9 @@ score() {  # score OUT SPLIT --model M [key=value ...]: brainseg evaluate on SPL
   $BRAINSEG evaluate --data "$DATASET" --split-file "$WORK/split.json" --split "$split" \
     --out "$WORK/choice/$out" "threshold=$THRESHOLD" precision=fp32 worst_slices=0 "$@"
 }
-best() {  # best NAME...: of the reports under choice/, the one with the highest patient Dice +
-  # detection specificity (the rule: Dice alone would keep false-positive slices), less 0.01 for
-  # flip TTA, which triples the cost of every slice; ties: the first named
-  $PYTHON -c 'import json, sys
-def rank(name):
-    m = json.load(open(f"{sys.argv[1]}/choice/{name}/report.json"))["models"][0]
-    return m["metrics"]["patient_dice_mean"] + m["metrics"]["detection"]["specificity"] - 0.01 * m["postprocess"]["tta"]
-names = sys.argv[2:]
-print(max(names, key=lambda n: (rank(n), -names.index(n))))' "$WORK" "$@"
+best() {  # best NAME...: of the reports under choice/, the one jobs/reference_choice.py's rule
+  # (patient Dice + detection specificity, less a little for flip TTA) ranks first
+  $PYTHON "$JOBS/reference_choice.py" best "$WORK" "$@"
 }
 RAW=(min_component_px=0 min_component_peak=0 largest_component_3d=false keep_3d_fraction=1 tta=false)
 
@@ -93,12 +88,7 @@ PLANE=$(best 2d-none 2d-peak90 2d-px64 2d-tta 2d-tta-peak90)
 PLANE_OPTIONS=${OPTIONS[${PLANE#2d-}]}
 # The threshold, by the same rule, from the winner's predictions cut at each of THRESHOLDS (its
 # report's sweep, one pass); one slice at a time, so the specificity is what Serve shows.
-THRESHOLD=$($PYTHON -c 'import json, sys
-m = json.load(open(sys.argv[1]))["models"][0]
-rows = [{"threshold": m["threshold"], "patient_dice_mean": m["metrics"]["patient_dice_mean"],
-         "specificity": m["metrics"]["detection"]["specificity"]}, *m["sweep"]]
-print("%g" % max(rows, key=lambda r: (r["patient_dice_mean"] + r["specificity"], -rows.index(r)))["threshold"])' \
-  "$WORK/choice/$PLANE/report.json")
+THRESHOLD=$($PYTHON "$JOBS/reference_choice.py" threshold "$WORK/choice/$PLANE/report.json")
 # Then the per-patient 3-D step on top, all at that threshold.
 # shellcheck disable=SC2086
 score 2d-threshold val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS
@@ -137,7 +127,7 @@ fi
 [ "$PACKAGE" = 1 ] || exit 0
 # The web page on the test patients' slices, through Chromium (where it is installed).
 if [ -n "$TEST" ] && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
-  $PYTHON jobs/reference_web_check.py "$WORK/test-source" --model "$WORK/model" --out "$WORK/web-check.json"
+  $PYTHON "$JOBS/reference_web_check.py" "$WORK/test-source" --model "$WORK/model" --out "$WORK/web-check.json"
 fi
 # The card, its pictures and the artifact, into the package.
-$PYTHON jobs/reference_card.py "$WORK" --out "$REFERENCE" ${CV:+--cv "$CV"}
+$PYTHON "$JOBS/reference_card.py" "$WORK" --out "$REFERENCE" ${CV:+--cv "$CV"}

@@ -1,0 +1,83 @@
+"""jobs/reference_choice.py: the rule the reference model's rebuild and its card choose by."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+spec = importlib.util.spec_from_file_location("reference_choice", JOBS / "reference_choice.py")
+reference_choice = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reference_choice)
+
+
+def _model(dice: float, specificity: float, tta: bool = False, threshold: float = 0.5,
+           sweep: list[tuple[float, float, float]] = ()) -> dict:
+    """One model entry of a `brainseg evaluate` report, with the fields the rule reads."""
+    return {"threshold": threshold, "postprocess": {"tta": tta},
+            "metrics": {"patient_dice_mean": dice, "detection": {"sensitivity": 0.9, "specificity": specificity}},
+            "sweep": [{"threshold": t, "patient_dice_mean": d, "sensitivity": 0.95, "specificity": s}
+                      for t, d, s in sweep]}
+
+
+def _work(tmp_path: Path, models: dict[str, dict]) -> Path:
+    for name, model in models.items():
+        (tmp_path / "choice" / name).mkdir(parents=True)
+        (tmp_path / "choice" / name / "report.json").write_text(json.dumps({"models": [model]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("models", "chosen"), [
+    # Dice alone would choose a, but its false-positive slices cost more than it gains.
+    ({"a": _model(0.80, 0.90), "b": _model(0.78, 0.99)}, "b"),
+    # Flip TTA must gain more than its cost to be chosen...
+    ({"none": _model(0.80, 0.98), "tta": _model(0.805, 0.98, tta=True)}, "none"),
+    ({"none": _model(0.80, 0.98), "tta": _model(0.82, 0.98, tta=True)}, "tta"),
+    # ...and a tie goes to the first named, the simpler option.
+    ({"first": _model(0.8, 0.9), "second": _model(0.8, 0.9)}, "first"),
+    ({"second": _model(0.8, 0.9), "first": _model(0.7, 0.9)}, "second"),
+])
+def test_best_ranks_by_dice_plus_specificity_less_the_tta_cost(tmp_path, models, chosen):
+    assert reference_choice.best(_work(tmp_path, models), list(models)) == chosen
+
+
+@pytest.mark.parametrize(("model", "chosen"), [
+    (_model(0.80, 0.99, sweep=[(0.4, 0.82, 0.98), (0.3, 0.85, 0.97)]), 0.3),  # more Dice than specificity lost
+    (_model(0.80, 0.99, sweep=[(0.4, 0.82, 0.95)]), 0.5),  # more specificity than Dice lost
+    (_model(0.80, 0.99, sweep=[(0.4, 0.81, 0.98)]), 0.5),  # a tie keeps the report's own cut
+    (_model(0.80, 0.99), 0.5),  # no sweep: its own cut
+    # The report's TTA is shared by every cut, so it moves none of them.
+    (_model(0.80, 0.99, tta=True, sweep=[(0.2, 0.805, 0.99)]), 0.2),
+])
+def test_best_threshold_by_the_same_rule_over_the_reports_sweep(model, chosen):
+    assert reference_choice.best_threshold(model) == chosen
+    rows = reference_choice.threshold_rows(model)
+    assert [r["threshold"] for r in rows] == [model["threshold"], *(r["threshold"] for r in model["sweep"])]
+    assert rows[0]["score"] == pytest.approx(model["metrics"]["patient_dice_mean"] + 0.99)
+
+
+def test_the_command_line_prints_what_the_script_reads(tmp_path):
+    work = _work(tmp_path, {"none": _model(0.7, 0.9, sweep=[(0.2, 0.8, 0.9)]), "tta": _model(0.75, 0.9, tta=True)})
+    run = [sys.executable, str(JOBS / "reference_choice.py")]
+    best = subprocess.run([*run, "best", str(work), "none", "tta"], capture_output=True, text=True, check=True)
+    assert best.stdout == "tta\n"
+    cut = subprocess.run([*run, "threshold", str(work / "choice" / "none" / "report.json")],
+                         capture_output=True, text=True, check=True)
+    assert cut.stdout == "0.2\n"
+    wrong = subprocess.run([*run, "rank"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "usage:" in wrong.stderr
+
+
+def test_the_rebuild_script_and_the_card_choose_through_it():
+    # One rule in one place: neither computes a score of its own.
+    script = (JOBS / "reference_model.sh").read_text()
+    assert 'reference_choice.py" best' in script and 'reference_choice.py" threshold' in script
+    assert "patient_dice_mean" not in script
+    card = (JOBS / "reference_card.py").read_text()
+    assert "reference_choice.best(" in card and "reference_choice.threshold_rows(" in card
+    assert '["specificity"]' not in card
