@@ -96,7 +96,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     loss: str = "bce_dice"  # bce_dice | dice | focal | bce
-    augmentation: str = "light"  # none | light | strong | natural (see data/augment.py)
+    augmentation: str = "light"  # none | light | strong | natural | scanner (see data/augment.py)
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: AMP on GPU, bf16 on CPUs that have it)
     channels_last: bool = True
     threshold: float = 0.5  # decision threshold recorded in the artifact

@@ -34,6 +34,12 @@ STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 2
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
          "2d-px64": "2-D components under 64 px dropped", "2d-tta": "flip TTA",
          "2d-tta-peak90": "flip TTA, then 2-D components peaking under 0.9 dropped"}
+AUGMENTATION = {
+    "natural": "left-right flips, scale 0.95-1.05, rotation up to 15 degrees, small shifts and brightness/contrast",
+    "scanner": "left-right flips, scale 0.95-1.05, rotation up to 15 degrees, small shifts and "
+               "brightness/contrast; each sequence's brightness on its own (x0.6-1.6), gamma 0.7-1.5, and "
+               "a missing sequence filled with FLAIR as the data set fills one",
+}
 VOLUME = {"3d-largest": "largest 3-D component per patient", "3d-fifth": "3-D components of at least 0.2 of the largest"}
 
 
@@ -162,6 +168,7 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
     val = _json(work / "val-exported" / "report.json")["models"][0]["metrics"]
     post = meta["postprocess"]
+    augmentation = _json(work / "stage1" / "model" / "model.json")["training"]["config"]["augmentation"]
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("worst-*.png"):
@@ -213,8 +220,8 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 ## Recipe
 
 Both stages: batch 8, AdamW (weight decay 1e-4), BCE + soft Dice, cosine schedule after a linear
-warm-up, augmentation `natural` (left-right flips, scale 0.95-1.05, rotation up to 15 degrees,
-small shifts and brightness/contrast), one worker on 2 CPU cores (an Intel Xeon with AMX, so
+warm-up, augmentation `{augmentation}` ({AUGMENTATION.get(augmentation, "see brainseg_ray/data/augment.py")}),
+one worker on 2 CPU cores (an Intel Xeon with AMX, so
 `precision=auto` trained in bf16 autocast). Validation always on whole slices. Every figure below is
 computed in fp32.
 

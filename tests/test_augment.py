@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from brainseg_ray.data.augment import AUGMENTATIONS, Augmentation, build_augmentation
+from brainseg_ray.data.augment import AUGMENTATIONS, Augmentation, FillWithFlair, build_augmentation
 
 
 def _batch(n: int, height: int = 256, width: int = 256, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -34,10 +34,10 @@ def _border_band(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.dilate(mask, kernel) != cv2.erode(mask, kernel)
 
 
-def _check_joint(images: np.ndarray, masks: np.ndarray, radius: int) -> float:
-    """Channel 0 thresholded must equal the mask everywhere off the border band; returns the
-    fraction of all pixels where they disagree."""
-    bright = (images[..., 0] > 127).astype(np.uint8)
+def _check_joint(images: np.ndarray, masks: np.ndarray, radius: int, channel: int = 0, cut: int = 127) -> float:
+    """`channel` thresholded at `cut` must equal the mask everywhere off the border band; returns
+    the fraction of all pixels where they disagree."""
+    bright = (images[..., channel] > cut).astype(np.uint8)
     for i in range(len(masks)):
         off_band = ~_border_band(masks[i], radius)
         np.testing.assert_array_equal(bright[i][off_band], masks[i][off_band], err_msg=f"sample {i}")
@@ -96,6 +96,54 @@ def test_strong_moves_image_and_mask_together():
     assert disagreement < 0.01
 
 
+def test_scanner_moves_image_and_mask_together():
+    images, masks = _batch(64)
+    images[..., 1] = masks * 255  # FLAIR too, since a filled sequence is a copy of it
+    out_images, out_masks = build_augmentation("scanner", seed=2)(images, masks)
+    # Scaling by 0.6 then gamma 1.5 leaves 255 at 118 at the least; the jitter lifts 0 by 26 at
+    # most; so a cut at 64 still separates them, and only the affine's border may disagree.
+    disagreement = _check_joint(out_images, out_masks, radius=1, channel=1, cut=64)
+    assert disagreement < 0.002
+    assert not np.array_equal(out_masks, masks)
+
+
+def test_scanner_scales_each_sequence_on_its_own():
+    # Flat slices (each channel one value) keep their flatness, so each channel's factor is read off
+    # directly; natural's jitter moves all three together, by 10 % at most.
+    images = np.empty((200, 32, 32, 3), np.uint8)
+    images[...] = (60, 100, 80)
+    masks = np.zeros((200, 32, 32), np.uint8)
+    out, _ = build_augmentation("scanner", seed=0)(images, masks)
+    centre = out[:, 16, 16].astype(float)
+    ratio = (centre[:, 0] / 60) / (centre[:, 2] / 80)  # pre- against post-contrast: 1 unless apart
+    assert (ratio < 0.8).mean() > 0.05 and (ratio > 1.25).mean() > 0.05
+    flair = centre[:, 1] / 100
+    assert flair.min() < 0.6 and flair.max() > 1.4  # as dim as and brighter than the shared set's spread
+    filled = (centre[:, 2] == centre[:, 1]) & (centre[:, 0] != centre[:, 1])
+    assert 0.0 < filled.mean() < 0.2  # some post-contrast channels are filled with FLAIR, not most
+
+
+@pytest.mark.parametrize(("seed", "both"), [(s, b) for s in range(3) for b in (False, True)])
+def test_fill_with_flair_copies_flair_exactly(seed, both):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    out = FillWithFlair(p=1).apply(image, both=both)
+    np.testing.assert_array_equal(out[..., 1], image[..., 1])
+    np.testing.assert_array_equal(out[..., 2], image[..., 1])
+    np.testing.assert_array_equal(out[..., 0], image[..., 1] if both else image[..., 0])
+    assert not np.shares_memory(out, image)
+
+
+def test_fill_with_flair_fills_both_others_about_half_the_time():
+    fill = FillWithFlair(p=1)
+    fill.set_random_seed(0)
+    image = np.stack([np.full((4, 4), v, np.uint8) for v in (10, 20, 30)], axis=-1)
+    outs = [fill(image=image)["image"] for _ in range(400)]
+    assert all((o[..., 2] == 20).all() for o in outs)
+    both = np.mean([(o[..., 0] == 20).all() for o in outs])
+    assert 0.4 < both < 0.6
+
+
 def test_light_changes_most_of_a_batch():
     images, masks = _batch(16, seed=7)
     out_images, out_masks = build_augmentation("light", seed=0)(images, masks)
@@ -106,7 +154,7 @@ def test_light_changes_most_of_a_batch():
     assert sum(changed) >= 8
 
 
-@pytest.mark.parametrize("level", ["light", "strong"])
+@pytest.mark.parametrize("level", ["light", "strong", "scanner"])
 def test_same_seed_same_output_different_seed_different_output(level):
     images, masks = _batch(16)
     first, second, other = (build_augmentation(level, seed=s) for s in (42, 42, 43))

@@ -9,6 +9,10 @@ Levels:
     natural only what a real scan varies by: left-right flips (brains are roughly symmetric),
             scale 0.95-1.05 and rotation up to 15 degrees (Buda et al.), a shift up to 4%, and
             a small brightness/contrast jitter; no vertical flips or 90-degree turns.
+    scanner natural, plus what differs between the data set's scanners and protocols: each
+            sequence's brightness on its own (x0.6-1.6; one patient's FLAIR is half as bright as
+            another's), gamma 0.7-1.5, and a missing sequence filled with FLAIR the way the data set
+            fills one (post-contrast, or both others; about 1 patient in 8 of the shared set).
     strong  light, plus a random resized crop back to the input size, brightness/contrast, gamma,
             a mild blur (Gaussian or motion) and one mild elastic/grid/optical distortion.
 
@@ -30,9 +34,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from brainseg_ray.data.schema import IMAGE_SIZE
+from brainseg_ray.data.schema import FLAIR_CHANNEL, IMAGE_SIZE
 
-AUGMENTATIONS = ("none", "light", "strong", "natural")
+AUGMENTATIONS = ("none", "light", "strong", "natural", "scanner")
 
 _BLACK = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
 _NEAREST = {"mask_interpolation": cv2.INTER_NEAREST}
@@ -58,6 +62,32 @@ def _natural(height: int, width: int) -> list[A.BasicTransform]:
         A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
     ]
 
+
+class FillWithFlair(A.ImageOnlyTransform):
+    """The post-contrast channel, and half the time the pre-contrast one too, replaced by FLAIR: how
+    the LGG data set fills a sequence that was not acquired."""
+
+    def get_params(self) -> dict:
+        return {"both": self.py_random.random() < 0.5}
+
+    def apply(self, img: np.ndarray, both: bool = False, **params) -> np.ndarray:
+        out = img.copy()
+        others = (0, 2) if both else (2,)
+        for channel in others:
+            out[..., channel] = img[..., FLAIR_CHANNEL]
+        return out
+
+
+def _scanner(height: int, width: int) -> list[A.BasicTransform]:
+    # Intensities differ far more between the data set's patients than natural's jitter covers
+    # (FLAIR's 99th percentile runs from about 90 to 180), and a model that never saw a dim FLAIR or
+    # a filled sequence can miss a whole patient's tumour.
+    return [
+        *_natural(height, width),
+        A.MultiplicativeNoise(multiplier=(0.6, 1.6), per_channel=True, elementwise=False, p=0.5),
+        A.RandomGamma(gamma_limit=(70, 150), p=0.3),
+        FillWithFlair(p=0.15),  # last, so a filled channel is an exact copy, as in the data set
+    ]
 
 
 def _strong(height: int, width: int) -> list[A.BasicTransform]:
@@ -98,7 +128,7 @@ class Augmentation:
     def _pipeline(self, height: int, width: int) -> A.Compose:
         key = (height, width)
         if key not in self._pipelines:
-            transforms = {"light": _light, "strong": _strong, "natural": _natural}[self.level](height, width)
+            transforms = {"light": _light, "strong": _strong, "natural": _natural, "scanner": _scanner}[self.level](height, width)
             self._pipelines[key] = A.Compose(transforms, seed=self.seed)
         return self._pipelines[key]
 
