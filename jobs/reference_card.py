@@ -23,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from brainseg_ray.data.augment import SUMMARIES  # noqa: E402
 from brainseg_ray.data.decode import read_pixels  # noqa: E402
 from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
@@ -34,12 +35,6 @@ STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 2
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
          "2d-px64": "2-D components under 64 px dropped", "2d-tta": "flip TTA",
          "2d-tta-peak90": "flip TTA, then 2-D components peaking under 0.9 dropped"}
-AUGMENTATION = {
-    "natural": "left-right flips, scale 0.95-1.05, rotation up to 15 degrees, small shifts and brightness/contrast",
-    "scanner": "left-right flips, scale 0.95-1.05, rotation up to 15 degrees, small shifts and "
-               "brightness/contrast; each sequence's brightness on its own (x0.6-1.6), gamma 0.7-1.5, and "
-               "a missing sequence filled with FLAIR as the data set fills one",
-}
 VOLUME = {"3d-largest": "largest 3-D component per patient", "3d-fifth": "3-D components of at least 0.2 of the largest"}
 
 
@@ -72,10 +67,10 @@ def _choice_rows(work: Path, names: dict, chosen: str) -> list[str]:
     for name, label in names.items():
         if not (work / "choice" / name / "report.json").exists():
             continue
-        m = _metrics(work, name)
-        d = m["detection"]
+        report = _report(work, name)  # read once for its figures and its score
+        m, d = report["metrics"], report["metrics"]["detection"]
         rows.append(f"| {label} | {_f(m['patient_dice_mean'])} | {_f(d['sensitivity'])} | {_f(d['specificity'])} | "
-                    f"{_f(reference_choice.model_score(_report(work, name)))} | {'chosen' if name == chosen else ''} |")
+                    f"{_f(reference_choice.model_score(report))} | {'chosen' if name == chosen else ''} |")
     return rows
 
 
@@ -220,7 +215,7 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 ## Recipe
 
 Both stages: batch 8, AdamW (weight decay 1e-4), BCE + soft Dice, cosine schedule after a linear
-warm-up, augmentation `{augmentation}` ({AUGMENTATION.get(augmentation, "see brainseg_ray/data/augment.py")}),
+warm-up, augmentation `{augmentation}` ({SUMMARIES[augmentation]}),
 one worker on 2 CPU cores (an Intel Xeon with AMX, so
 `precision=auto` trained in bf16 autocast). Validation always on whole slices. Every figure below is
 computed in fp32.

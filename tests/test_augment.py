@@ -199,3 +199,9 @@ def test_bad_arrays_are_rejected(level):
         aug(images.astype(np.float32), masks)
     with pytest.raises(ValueError, match="masks"):
         aug(images, masks[:1])
+
+
+def test_every_level_has_a_one_line_summary():
+    from brainseg_ray.data.augment import SUMMARIES
+
+    assert set(SUMMARIES) == set(AUGMENTATIONS) and all("\n" not in s for s in SUMMARIES.values())

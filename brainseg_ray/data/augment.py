@@ -37,6 +37,15 @@ import numpy as np
 from brainseg_ray.data.schema import FLAIR_CHANNEL, IMAGE_SIZE
 
 AUGMENTATIONS = ("none", "light", "strong", "natural", "scanner")
+# One line each, for a model card's recipe (the docstring above has the detail).
+SUMMARIES = {
+    "none": "none",
+    "light": "flips, 90-degree rotations, transpose, shift-scale-rotate",
+    "strong": "light, plus random resized crop, brightness/contrast, gamma, blur and a mild distortion",
+    "natural": "left-right flips, scale 0.95-1.05, rotation up to 15 degrees, small shifts and brightness/contrast",
+    "scanner": "natural, plus each sequence's brightness on its own (x0.6-1.6), gamma 0.7-1.5, and a missing "
+               "sequence filled with FLAIR as the data set fills one",
+}
 
 _BLACK = {"border_mode": cv2.BORDER_CONSTANT, "fill": 0, "fill_mask": 0}
 _NEAREST = {"mask_interpolation": cv2.INTER_NEAREST}
@@ -128,7 +137,8 @@ class Augmentation:
     def _pipeline(self, height: int, width: int) -> A.Compose:
         key = (height, width)
         if key not in self._pipelines:
-            transforms = {"light": _light, "strong": _strong, "natural": _natural, "scanner": _scanner}[self.level](height, width)
+            levels = {"light": _light, "strong": _strong, "natural": _natural, "scanner": _scanner}
+            transforms = levels[self.level](height, width)
             self._pipelines[key] = A.Compose(transforms, seed=self.seed)
         return self._pipelines[key]
 
