@@ -54,6 +54,9 @@ def test_the_rebuild_script_names_what_shipped():
     assert f"{meta['threshold']:g}" in [start, *cuts]
     config = meta["training"]["config"]
     assert f"steps={config['steps']} " in script and f"lr={config['lr']:g}" in script
+    # The recipe it was trained with is the one the script rebuilds (the augmentation changed once
+    # without a rebuild: the script must not drift from what shipped).
+    assert f"augmentation={config['augmentation']} " in script
     # Every post-processing step that shipped is among the candidates the script compares.
     post = meta["postprocess"]
     if post["min_component_peak"]:
