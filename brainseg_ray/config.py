@@ -97,6 +97,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     loss: str = "bce_dice"  # bce_dice | dice | focal | bce
     augmentation: str = "light"  # none | light | strong | natural | scanner (see data/augment.py)
+    # dataset: per channel, the training data's mean and std; slice: each slice's channels first
+    # brought to a common 99th percentile (models/inputs.py), as every consumer of the model does
+    normalisation: str = "dataset"
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: AMP on GPU, bf16 on CPUs that have it)
     channels_last: bool = True
     threshold: float = 0.5  # decision threshold recorded in the artifact

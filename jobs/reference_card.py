@@ -28,6 +28,7 @@ from brainseg_ray.data.decode import read_pixels  # noqa: E402
 from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
+from brainseg_ray.models.inputs import normalisation_text  # noqa: E402
 import reference_choice  # noqa: E402  (beside this script)
 from reference_cv import pool_rounds  # noqa: E402
 
@@ -199,7 +200,7 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 | Threshold | {meta['threshold']:g} |
 | Post-processing (bulk job) | {postprocess_text(post)} |
 | Post-processing (Serve, one slice) | {postprocess_text({**post, 'largest_component_3d': False})} |
-| Normalisation | per channel, the training data's mean and std |
+| Normalisation | {normalisation_text(meta['normalisation'])} |
 
 ## Data and licences
 

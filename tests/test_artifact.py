@@ -173,6 +173,20 @@ def test_bad_normalisation_is_refused(tmp_path):
     spec = ModelSpec("unet", base_filters=4)
     with pytest.raises(ArtifactError, match=r"normalisation\['std'\] must list 3 values"):
         save_artifact(str(tmp_path), build_model(spec), spec, normalisation={"mean": [0, 0, 0]})
+    with pytest.raises(ArtifactError, match=r"slice_target must be in \(0, 255\]"):
+        save_artifact(str(tmp_path), build_model(spec), spec,
+                      normalisation={**NORMALISATION, "slice_target": 300, "slice_percentile": 99})
+
+
+def test_per_slice_normalisation_survives_export(tmp_path):
+    """The per-slice rescaling is part of what the weights expect: export keeps it."""
+    from brainseg_ray.cli import main
+
+    spec = ModelSpec("unet", base_filters=4)
+    norm = {**NORMALISATION, "slice_percentile": 99.0, "slice_target": 150.0}
+    save_artifact(str(tmp_path / "run"), build_model(spec), spec, normalisation=norm)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "shipped"), "--half"]) == 0
+    assert load_artifact(str(tmp_path / "shipped")).metadata["normalisation"] == norm
 
 
 def test_s3_round_trip(s3_bucket):

@@ -170,7 +170,7 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, 
                "--address", address, "val_fraction=0.34",
                *(f"{k}={v}" for k, v in TINY.items() if k != "model"), "--model", "unet",
                "steps=6", "eval_every_steps=2", "schedule=cosine", "crop_size=64", "foreground_fraction=0.5",
-               "image_size=256"]
+               "image_size=256", "normalisation=slice"]
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
@@ -200,6 +200,8 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, 
     assert history[-1]["lr"] == pytest.approx(TrainConfig().lr / 1000, rel=1e-3)
     meta = load_artifact(str(out / "model")).metadata
     assert meta["input"]["size"] == 256 and meta["training"]["config"]["crop_size"] == 64
+    # Each slice was rescaled before its crop; every consumer of the model does the same.
+    assert meta["normalisation"]["slice_target"] == 150 and meta["normalisation"]["slice_percentile"] == 99
     assert meta["training"]["config"]["out"] == "run" and str(tmp_path) not in json.dumps(meta["training"])
     checkpoint = json.loads(next((out / "checkpoints").glob("epoch-*/model.json")).read_text())
     assert checkpoint["training"]["config"]["out"] == "run"
@@ -210,6 +212,8 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, 
     monkeypatch.chdir(tmp_path)
     assert main([*command[3:], "base_filters=8"]) == 2
     assert "other base_filters" in capsys.readouterr().err
+    assert main([*command[3:], "normalisation=dataset"]) == 2
+    assert "other normalisation" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,6 +223,7 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, 
     (["crop_size=64", "image_size=128"], "native resolution: image_size must stay 256"),
     (["crop_size=300"], "crop_size must be a multiple of 32"),
     (["schedule=linear"], "schedule must be one of one_cycle, cosine"),
+    (["normalisation=zscore"], "normalisation must be one of dataset, slice"),
     (["--model", "unet-resnet18", "encoder_weights=imagenet"], "no ImageNet weights are installed"),
 ])
 def test_train_refuses_bad_settings_with_one_line(synthetic_dataset, tmp_path, capsys, args, message):
@@ -310,6 +315,11 @@ def test_init_from_with_two_ddp_workers_to_s3_stops_early(learning_data, trained
     # (Ray's own workers of the run above may still log to stderr; the job's error is one line.)
     line = next(l for l in err.splitlines() if l.startswith("brainseg train: error:"))
     assert code == 2 and "init_from" in line and "'base_filters': 8" in line
+    # Weights that learned dataset-normalised inputs do not start a per-slice run.
+    code = main(["train", "--data", data, "--out", str(tmp_path / "bad"), "--model", "unet", "base_filters=8",
+                 f"init_from={result.model_uri}", f"split_file={split_file}", "normalisation=slice"])
+    line = next(l for l in capsys.readouterr().err.splitlines() if l.startswith("brainseg train: error:"))
+    assert code == 2 and "trained with normalisation=dataset, this run has normalisation=slice" in line
 
 
 def test_init_from_reads_an_s3_model_with_the_runs_s3_options(explicit_s3_model, tmp_path):

@@ -15,6 +15,9 @@ from brainseg_ray.models.inputs import (
     logits_to_probabilities,
     masks_to_tensor,
     normalisation_from_profile,
+    normalisation_text,
+    rescale_slices,
+    without_slice_rescaling,
 )
 from brainseg_ray.models.registry import ModelSpec, build_model
 from brainseg_ray.train.losses import build_loss, per_slice_bce_dice
@@ -87,6 +90,67 @@ def test_normalisation_from_the_ingest_profile():
     assert normalisation_from_profile({"channels": {"mean": [None] * 3, "std": [None] * 3}}) == DEFAULT_NORMALISATION
     assert normalisation_from_profile({"channels": {"mean": [1, 2, 3], "std": [0, 1, 1]}}) == DEFAULT_NORMALISATION
     assert normalisation_from_profile(None) == DEFAULT_NORMALISATION
+    sliced = normalisation_from_profile(None, "slice")
+    assert sliced == {**DEFAULT_NORMALISATION, "slice_percentile": 99.0, "slice_target": 150.0}
+    assert without_slice_rescaling(sliced) == DEFAULT_NORMALISATION
+    assert "99th percentile over the brain is 150 of 255" in normalisation_text(sliced)
+    assert normalisation_text(DEFAULT_NORMALISATION) == "per channel, the training data's mean and std"
+    with pytest.raises(ValueError, match="normalisation must be one of dataset, slice"):
+        normalisation_from_profile(None, "zscore")
+
+
+SLICE = {**DEFAULT_NORMALISATION, "slice_percentile": 99.0, "slice_target": 150.0}
+
+
+def _head(level: int, brain_px: int = 4096, size: int = 128) -> np.ndarray:
+    """One channel: a square "brain" of `brain_px` pixels at `level` (a 1 % brighter rim on top,
+    so the 99th percentile is the level itself) in air of value 3."""
+    channel = np.full((size, size), 3, np.uint8)
+    side = int(brain_px ** 0.5)
+    channel[:side, :side] = level
+    channel[0, :side // 2] = min(255, level + 10)
+    return channel
+
+
+@pytest.mark.parametrize("level, brain_px, expected", [
+    (75, 4096, 150),  # a dim channel is doubled
+    (150, 4096, 150),  # already at the target: unchanged
+    (200, 4096, 150),  # a bright one is dimmed
+    (20, 4096, 80),  # the factor stops at 4: a nearly black channel is not blown up into noise
+    (75, 144, 75),  # under 256 brain pixels (past the skull's end): left as it is
+])
+def test_rescale_slices_brings_each_channel_to_the_target(level, brain_px, expected):
+    image = np.stack([_head(level, brain_px), _head(150), _head(120)], axis=-1)[None]
+    out = rescale_slices(image, SLICE)
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    side = int(brain_px ** 0.5)
+    assert int(out[0, side - 1, side - 1, 0]) == expected  # a brain pixel of the rescaled channel
+    assert int(out[0, 100, 100, 0]) == round(3 * expected / level)  # air scales too, by the same factor
+    assert np.array_equal(out[0, ..., 1], image[0, ..., 1])  # each channel on its own
+    assert int(out[0, 10, 10, 2]) == 150  # 120 -> 150
+
+
+def test_rescale_slices_clips_and_leaves_dataset_normalisation_alone():
+    image = np.stack([_head(100)] * 3, axis=-1)[None].copy()
+    image[0, 5, 5, 0] = 250  # a lesion far brighter than the rest: x1.5 would pass 255
+    assert rescale_slices(image, SLICE)[0, 5, 5, 0] == 255
+    assert rescale_slices(image, DEFAULT_NORMALISATION) is image  # no per-slice key: untouched
+    assert rescale_slices(image[:0], SLICE).shape == (0, 128, 128, 3)
+
+
+def test_slice_normalisation_makes_the_input_independent_of_a_scanners_brightness():
+    """The same slice at two brightnesses reaches the model as nearly the same tensor with
+    normalisation "slice", and as clearly different ones without it."""
+    rng = np.random.default_rng(0)
+    bright = np.stack([_head(160), _head(180), _head(140)], axis=-1)[None].astype(np.int16)
+    bright = np.clip(bright + rng.integers(-8, 9, bright.shape), 0, 255).astype(np.uint8)
+    dim = (bright * 0.55).astype(np.uint8)
+    sliced = images_to_tensor(dim, SLICE, 128) - images_to_tensor(bright, SLICE, 128)
+    plain = images_to_tensor(dim, DEFAULT_NORMALISATION, 128) - images_to_tensor(bright, DEFAULT_NORMALISATION, 128)
+    assert float(sliced.abs().mean()) < 0.05 < float(plain.abs().mean())
+    # images_to_tensor applies exactly rescale_slices, then the dataset normalisation.
+    assert torch.equal(images_to_tensor(dim, SLICE, 128),
+                       images_to_tensor(rescale_slices(dim, SLICE), without_slice_rescaling(SLICE), 128))
 
 
 def _blob_batch(n=4, size=32, seed=0):

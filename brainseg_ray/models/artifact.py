@@ -96,6 +96,10 @@ def save_artifact(
         values = normalisation.get(key)
         if not isinstance(values, (list, tuple)) or len(values) != spec.in_channels:
             raise ArtifactError(uri, f"normalisation[{key!r}] must list {spec.in_channels} values, got {values!r}")
+    target, percentile = normalisation.get("slice_target"), normalisation.get("slice_percentile")
+    if target is not None and not (0 < float(target) <= 255 and percentile is not None and 0 < float(percentile) <= 100):
+        raise ArtifactError(uri, f"normalisation slice_target must be in (0, 255] with slice_percentile in (0, 100], "
+                                 f"got {target!r} and {percentile!r}")
     state = _plain_state_dict(model, half)
     weights_file = SAFETENSORS_FILE if _safetensors is not None else TORCH_FILE
     data = _serialise(state, weights_file)
@@ -202,8 +206,9 @@ def resave_artifact(artifact: ModelArtifact, out: str, *, half: bool = False, th
     `training` replaces the record, `extra` adds top-level keys. Returns the version."""
     meta = artifact.metadata
     chosen = {**(meta.get("postprocess") or {}), **(postprocess or {})}
+    normalisation = {k: v for k, v in meta["normalisation"].items() if k != "scale"}  # per-slice keys too
     return save_artifact(
-        out, artifact.model, artifact.spec, normalisation={k: meta["normalisation"][k] for k in ("mean", "std")},
+        out, artifact.model, artifact.spec, normalisation=normalisation,
         threshold=meta.get("threshold", 0.5) if threshold is None else threshold,
         training=meta.get("training") if training is None else training,
         data_fingerprint=meta.get("data_fingerprint"), metrics=meta.get("metrics"), half=half,

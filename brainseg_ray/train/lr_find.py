@@ -185,7 +185,8 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
     from brainseg_ray.compat import ensure_torchvision_importable
     from brainseg_ray.data.augment import build_augmentation
     from brainseg_ray.devices import pick_device, resolve_precision
-    from brainseg_ray.models.inputs import images_to_tensor, masks_to_tensor, normalisation_from_profile
+    from brainseg_ray.models.inputs import (images_to_tensor, masks_to_tensor, normalisation_from_profile,
+                                            rescale_slices, without_slice_rescaling)
     from brainseg_ray.models.registry import build_model
     from brainseg_ray.train.losses import build_loss
     from brainseg_ray.train.steps import TrainStep, build_optimizer
@@ -195,7 +196,7 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
     device = pick_device(train.use_gpu)
     precision = resolve_precision(train.precision, device)
     manifest = read_manifest(train.data, train.s3)
-    normalisation = normalisation_from_profile(manifest.get("profile"))
+    normalisation = normalisation_from_profile(manifest.get("profile"), train.normalisation)
     train_patients, images, masks = _load_training_slices(train)
     print(f"lr-find: {train.model} on {len(train_patients)} training patients ({len(images)} slices), "
           f"lr {cfg.start_lr:.1e} -> {cfg.end_lr:.1e} over {cfg.steps} steps on {device.type} ({precision})",
@@ -224,8 +225,10 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 index = next(batches)
-                batch_images, batch_masks = augment(images[index], masks[index])
-                x = images_to_tensor(batch_images, normalisation, train.image_size, device, train.channels_last)
+                # Rescaled before the augmentation, as in training (train/loop.py)
+                batch_images, batch_masks = augment(rescale_slices(images[index], normalisation), masks[index])
+                x = images_to_tensor(batch_images, without_slice_rescaling(normalisation), train.image_size, device,
+                                     train.channels_last)
                 y = masks_to_tensor(batch_masks, train.image_size, device)
                 loss = step(x, y)
                 if not math.isfinite(loss):

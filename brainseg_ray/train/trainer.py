@@ -128,6 +128,7 @@ def model_spec(cfg: TrainConfig):
 def _check_config(cfg: TrainConfig) -> None:
     from brainseg_ray.data.augment import AUGMENTATIONS
     from brainseg_ray.devices import PRECISIONS
+    from brainseg_ray.models.inputs import NORMALISATIONS
     from brainseg_ray.models.registry import resolve
     from brainseg_ray.train.losses import LOSSES
     from brainseg_ray.train.steps import SCHEDULES
@@ -137,6 +138,7 @@ def _check_config(cfg: TrainConfig) -> None:
     resolve(cfg.model)  # ValueError listing the known names
     checks = [
         (cfg.augmentation in AUGMENTATIONS, f"augmentation must be one of {', '.join(AUGMENTATIONS)}"),
+        (cfg.normalisation in NORMALISATIONS, f"normalisation must be one of {', '.join(NORMALISATIONS)}"),
         (cfg.loss in LOSSES, f"loss must be one of {', '.join(sorted(LOSSES))}"),
         (cfg.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         (cfg.image_size >= 32 and cfg.image_size % 32 == 0, "image_size must be a multiple of 32"),
@@ -184,7 +186,7 @@ def _clear_run(cfg: TrainConfig) -> None:
 
 
 # Settings a resumed run must share with the checkpoints it continues from.
-RESUME_KEYS = ("model", "encoder_depth", "base_filters", "image_size", "data")
+RESUME_KEYS = ("model", "encoder_depth", "base_filters", "image_size", "data", "normalisation")
 
 
 def _check_resumable(cfg: TrainConfig, split_record: dict) -> None:
@@ -251,7 +253,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     plan = Plan(
         config=to_dict(cfg),
         spec=dict(vars(spec)),
-        normalisation=normalisation_from_profile(manifest.get("profile")),
+        normalisation=normalisation_from_profile(manifest.get("profile"), cfg.normalisation),
         data_fingerprint=manifest.get("fingerprint"),
         val_patients=val_patients,
         total_steps=total_steps,
@@ -306,6 +308,11 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     mine, theirs = model_settings(spec), model_settings(artifact.spec)
     if mine != theirs:
         raise TrainingError(f"init_from {cfg.init_from}: its model {theirs} differs from this run's {mine}")
+    # Its weights learned inputs normalised one way: a stage that feeds them another starts off wrong.
+    theirs = "slice" if artifact.metadata.get("normalisation", {}).get("slice_target") else "dataset"
+    if theirs != cfg.normalisation:
+        raise TrainingError(f"init_from {cfg.init_from}: it was trained with normalisation={theirs}, "
+                            f"this run has normalisation={cfg.normalisation}")
     state = {k: v.detach().float().clone() for k, v in artifact.model.state_dict().items()}
     return state, {"uri": cfg.init_from, "version": artifact.metadata.get("version", "")}
 
