@@ -46,7 +46,7 @@ train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its
   # A finished stage (its model saved) is skipped: rerunning the choices costs no training.
   [ ! -f "$WORK/$run/model/model.json" ] || { echo "train: $WORK/$run is finished"; return 0; }
   $BRAINSEG train --data "$DATASET" --out "$WORK/$run" --model $MODEL --num-workers 1 \
-    "split_file=$WORK/split.json" batch_size=8 augmentation=scanner loss=bce_dice schedule=cosine \
+    "split_file=$WORK/split.json" batch_size=8 augmentation=scanner normalisation=slice loss=bce_dice schedule=cosine \
     early_stopping_patience=0 keep_checkpoints=3 "$@" ${TRAIN_EXTRA[@]+"${TRAIN_EXTRA[@]}"}
 }
 # Stage 1: 8000 steps of 128 px crops at native resolution, half of them centred near tumour.

@@ -57,6 +57,7 @@ def test_the_rebuild_script_names_what_shipped():
     # The recipe it was trained with is the one the script rebuilds (the augmentation changed once
     # without a rebuild: the script must not drift from what shipped).
     assert f"augmentation={config['augmentation']} " in script
+    assert ("normalisation=slice" in script) == bool(meta["normalisation"].get("slice_target"))
     # Every post-processing step that shipped is among the candidates the script compares.
     post = meta["postprocess"]
     if post["min_component_peak"]:
