@@ -44,6 +44,7 @@ def test_artifact_loads_and_is_small_enough():
 
 def test_the_rebuild_script_names_what_shipped():
     from brainseg_ray.models.artifact import load_artifact
+    from brainseg_ray.models.inputs import normalisation_mode
 
     meta = load_artifact("reference").metadata
     script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_model.sh").read_text()
@@ -57,7 +58,7 @@ def test_the_rebuild_script_names_what_shipped():
     # The recipe it was trained with is the one the script rebuilds (the augmentation changed once
     # without a rebuild: the script must not drift from what shipped).
     assert f"augmentation={config['augmentation']} " in script
-    assert ("normalisation=slice" in script) == bool(meta["normalisation"].get("slice_target"))
+    assert f"normalisation={normalisation_mode(meta['normalisation'])} " in script
     # Every post-processing step that shipped is among the candidates the script compares.
     post = meta["postprocess"]
     if post["min_component_peak"]:

@@ -15,6 +15,7 @@ from brainseg_ray.models.inputs import (
     logits_to_probabilities,
     masks_to_tensor,
     normalisation_from_profile,
+    normalisation_mode,
     normalisation_text,
     rescale_slices,
     without_slice_rescaling,
@@ -22,7 +23,8 @@ from brainseg_ray.models.inputs import (
 from brainseg_ray.models.registry import ModelSpec, build_model
 from brainseg_ray.train.losses import build_loss, per_slice_bce_dice
 from brainseg_ray.train.metrics import SegmentationMetrics
-from brainseg_ray.train.steps import TrainStep, build_one_cycle, build_optimizer, build_schedule, validate
+from brainseg_ray.train.steps import (TrainStep, build_one_cycle, build_optimizer, build_schedule, training_batch,
+                                      validate)
 
 ensure_torchvision_importable()
 CPU = torch.device("cpu")
@@ -93,6 +95,7 @@ def test_normalisation_from_the_ingest_profile():
     sliced = normalisation_from_profile(None, "slice")
     assert sliced == {**DEFAULT_NORMALISATION, "slice_percentile": 99.0, "slice_target": 150.0}
     assert without_slice_rescaling(sliced) == DEFAULT_NORMALISATION
+    assert [normalisation_mode(n) for n in (sliced, DEFAULT_NORMALISATION)] == ["slice", "dataset"]
     assert "99th percentile over the brain is 150 of 255" in normalisation_text(sliced)
     assert normalisation_text(DEFAULT_NORMALISATION) == "per channel, the training data's mean and std"
     with pytest.raises(ValueError, match="normalisation must be one of dataset, slice"):
@@ -151,6 +154,33 @@ def test_slice_normalisation_makes_the_input_independent_of_a_scanners_brightnes
     # images_to_tensor applies exactly rescale_slices, then the dataset normalisation.
     assert torch.equal(images_to_tensor(dim, SLICE, 128),
                        images_to_tensor(rescale_slices(dim, SLICE), without_slice_rescaling(SLICE), 128))
+
+
+def test_training_batch_rescales_the_whole_slice_before_the_crop():
+    """A crop of a slice's dim half keeps its level relative to the whole slice (as inference
+    sees it), rather than being brought to the target on its own; the crop and the augmentation
+    then apply to image and mask together."""
+    image = np.stack([_head(100, 64 * 64)] * 3, axis=-1)[None].copy()
+    image[0, :, 64:] = 60  # the right half: dim brain
+    mask = np.zeros((1, 128, 128), np.uint8)
+    mask[0, 70:80, 70:90] = 1
+
+    def right_half(images, masks):  # a 64 px crop of the dim half, around the mask
+        return images[:, 32:96, 64:], masks[:, 32:96, 64:], np.array([True])
+
+    def flip(images, masks):
+        return images[:, :, ::-1], masks[:, :, ::-1]
+
+    x, y, centred = training_batch(image, mask, normalisation=SLICE, augment=flip, size=64, device=CPU,
+                                   channels_last=True, crop=right_half)
+    expected = images_to_tensor(rescale_slices(image, SLICE)[:, 32:96, 64:][:, :, ::-1], DEFAULT_NORMALISATION, 64)
+    assert torch.allclose(x, expected) and centred == 1
+    assert not torch.allclose(x, images_to_tensor(image[:, 32:96, 64:][:, :, ::-1], SLICE, 64), atol=0.1)
+    assert torch.equal(y[0, 0], torch.from_numpy(mask[0, 32:96, 64:][:, ::-1].copy()).float())
+    # Without a crop nothing is counted, and the whole slice is the input.
+    x, _, centred = training_batch(image, mask, normalisation=SLICE, augment=lambda i, m: (i, m), size=128,
+                                   device=CPU, channels_last=False)
+    assert centred == 0 and torch.equal(x, images_to_tensor(image, SLICE, 128))
 
 
 def _blob_batch(n=4, size=32, seed=0):

@@ -47,6 +47,12 @@ def normalisation_from_profile(profile: dict | None, mode: str = "dataset") -> d
     return norm
 
 
+def normalisation_mode(normalisation: dict) -> str:
+    """The training setting an artifact's `normalisation` came from: "slice" or "dataset" (the
+    inverse of normalisation_from_profile's `mode`)."""
+    return "slice" if normalisation.get("slice_target") else "dataset"
+
+
 def rescale_slices(images: np.ndarray, normalisation: dict) -> np.ndarray:
     """uint8 [N,H,W,C] -> uint8 [N,H,W,C]. Where `normalisation` has a "slice_target", each channel
     of each slice is multiplied so that its "slice_percentile" over the pixels above SLICE_FLOOR

@@ -237,23 +237,17 @@ class _Worker:
 
     def train_round(self, batches) -> tuple[float, int, int, float]:
         """(loss summed over samples, samples, foreground crops, seconds) of one round's batches."""
-        from brainseg_ray.models.inputs import images_to_tensor, masks_to_tensor, rescale_slices, without_slice_rescaling
+        from brainseg_ray.train.steps import training_batch
 
         started = time.perf_counter()
         loss_sum, samples, foreground = 0.0, 0, 0
-        rescaled = without_slice_rescaling(self.plan.normalisation)
         for _, images, masks in batches:
-            # Whole slices are rescaled (normalisation "slice"), as inference sees them; then the
-            # crop, and the augmentation's brightness changes on top of the common level.
-            images = rescale_slices(images, self.plan.normalisation)
-            if self.crop is not None:
-                images, masks, centred = self.crop(images, masks)
-                foreground += int(centred.sum())
-            images, masks = self.augment(images, masks)
-            x = images_to_tensor(images, rescaled, self.train_size, self.device, self.channels_last)
-            y = masks_to_tensor(masks, self.train_size, self.device)
-            loss_sum += self.step(x, y) * len(images)
-            samples += len(images)
+            x, y, centred = training_batch(images, masks, normalisation=self.plan.normalisation, augment=self.augment,
+                                           size=self.train_size, device=self.device,
+                                           channels_last=self.channels_last, crop=self.crop)
+            foreground += centred
+            loss_sum += self.step(x, y) * len(x)
+            samples += len(x)
             self.progress["step"] += 1
         return loss_sum, samples, foreground, time.perf_counter() - started
 

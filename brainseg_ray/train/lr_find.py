@@ -185,11 +185,10 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
     from brainseg_ray.compat import ensure_torchvision_importable
     from brainseg_ray.data.augment import build_augmentation
     from brainseg_ray.devices import pick_device, resolve_precision
-    from brainseg_ray.models.inputs import (images_to_tensor, masks_to_tensor, normalisation_from_profile,
-                                            rescale_slices, without_slice_rescaling)
+    from brainseg_ray.models.inputs import normalisation_from_profile
     from brainseg_ray.models.registry import build_model
     from brainseg_ray.train.losses import build_loss
-    from brainseg_ray.train.steps import TrainStep, build_optimizer
+    from brainseg_ray.train.steps import TrainStep, build_optimizer, training_batch
     from brainseg_ray.train.trainer import model_spec, read_manifest
 
     train, out = _check(cfg)
@@ -225,11 +224,8 @@ def lr_find(cfg: LrFindConfig) -> LrFindResult:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 index = next(batches)
-                # Rescaled before the augmentation, as in training (train/loop.py)
-                batch_images, batch_masks = augment(rescale_slices(images[index], normalisation), masks[index])
-                x = images_to_tensor(batch_images, without_slice_rescaling(normalisation), train.image_size, device,
-                                     train.channels_last)
-                y = masks_to_tensor(batch_masks, train.image_size, device)
+                x, y, _ = training_batch(images[index], masks[index], normalisation=normalisation, augment=augment,
+                                         size=train.image_size, device=device, channels_last=train.channels_last)
                 loss = step(x, y)
                 if not math.isfinite(loss):
                     stop_reason = f"loss not finite at lr {lr:.1e}"

@@ -4,14 +4,15 @@ benchmark's plain loop, so that all three do exactly the same arithmetic."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from brainseg_ray.devices import autocast
-from brainseg_ray.models.inputs import images_to_tensor, logits_to_probabilities, masks_to_tensor
+from brainseg_ray.models.inputs import (images_to_tensor, logits_to_probabilities, masks_to_tensor, rescale_slices,
+                                        without_slice_rescaling)
 from brainseg_ray.train.metrics import SegmentationMetrics
 
 
@@ -113,6 +114,25 @@ class TrainStep:
 
 
 @torch.no_grad()
+def training_batch(images: np.ndarray, masks: np.ndarray, *, normalisation: dict,
+                   augment: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], size: int,
+                   device: torch.device | str, channels_last: bool,
+                   crop: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """uint8 slices [N,H,W,C] and masks [N,H,W] -> (x, y, crops centred near tumour), in the one
+    order the training loop and lr-find share. Whole slices are rescaled first (normalisation
+    "slice"), as inference sees them; then the crop; then the augmentation, whose brightness
+    changes land on top of the common level."""
+    images = rescale_slices(images, normalisation)
+    centred = 0
+    if crop is not None:
+        images, masks, near_tumour = crop(images, masks)
+        centred = int(near_tumour.sum())
+    images, masks = augment(images, masks)
+    x = images_to_tensor(images, without_slice_rescaling(normalisation), size, device, channels_last)
+    return x, masks_to_tensor(masks, size, device), centred
+
+
 def validate(model: nn.Module, batches: Iterable[tuple[list[str], np.ndarray, np.ndarray]], *, loss_fn: nn.Module,
              normalisation: dict, size: int, device: torch.device, precision: str, channels_last: bool,
              threshold: float) -> tuple[SegmentationMetrics, float, int]:

@@ -297,6 +297,7 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     """The state_dict of cfg.init_from (sent to every worker with the plan, so nodes need no access
     to the file) and what to record of it; (None, None) without one."""
     from brainseg_ray.models.artifact import ArtifactError, load_artifact
+    from brainseg_ray.models.inputs import normalisation_mode
     from brainseg_ray.models.registry import model_settings
 
     if not cfg.init_from:
@@ -309,7 +310,7 @@ def _initial_weights(cfg: TrainConfig, spec) -> tuple[dict | None, dict | None]:
     if mine != theirs:
         raise TrainingError(f"init_from {cfg.init_from}: its model {theirs} differs from this run's {mine}")
     # Its weights learned inputs normalised one way: a stage that feeds them another starts off wrong.
-    theirs = "slice" if artifact.metadata.get("normalisation", {}).get("slice_target") else "dataset"
+    theirs = normalisation_mode(artifact.metadata.get("normalisation", {}))
     if theirs != cfg.normalisation:
         raise TrainingError(f"init_from {cfg.init_from}: it was trained with normalisation={theirs}, "
                             f"this run has normalisation={cfg.normalisation}")
