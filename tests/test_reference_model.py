@@ -48,7 +48,7 @@ def test_the_rebuild_script_names_what_shipped():
 
     meta = load_artifact("reference").metadata
     script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_model.sh").read_text()
-    assert f"MODEL={meta['model']['name']} " in script
+    assert f"MODEL=${{MODEL:-{meta['model']['name']}}} " in script
     # The shipped threshold is where the choices start or one of the cuts they compare.
     start = re.search(r"^THRESHOLD=([0-9.]+) ", script, re.M).group(1)
     cuts = re.search(r"^THRESHOLDS=([0-9.,]+) ", script, re.M).group(1).split(",")
