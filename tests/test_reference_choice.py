@@ -81,3 +81,13 @@ def test_the_rebuild_script_and_the_card_choose_through_it():
     card = (JOBS / "reference_card.py").read_text()
     assert "reference_choice.best(" in card and "reference_choice.threshold_rows(" in card
     assert '["specificity"]' not in card
+
+
+def test_the_rebuild_script_refuses_a_model_its_card_cannot_describe(tmp_path):
+    # At the start, in one line: not after an hour of training, at the card.
+    run = subprocess.run(["bash", str(JOBS / "reference_model.sh"), str(tmp_path / "data"), str(tmp_path / "work")],
+                         env={"PATH": "/usr/bin:/bin", "MODEL": "unet-resnet34"}, capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip() == ("reference_model.sh: MODEL must be unet-efficientnet-lite0, -lite1 or -lite2, "
+                                  "got unet-resnet34")
+    assert not (tmp_path / "work").exists()
