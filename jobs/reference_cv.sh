@@ -8,6 +8,9 @@
 # WORK/final and goes into the package, its card reporting the rounds' figures. Rerunning continues
 # where it stopped: finished steps are skipped, training resumes from its checkpoints.
 #   bash jobs/reference_cv.sh [DATA] [WORK] [FOLDS...]   (FOLDS: default 0 1 2 3 4 and the final model)
+# RECORDS (a folder, e.g. docs/reference-cv/MODEL) keeps each finished round's figures: its split,
+# scores, web check and exported settings, a few small files. A round found there is restored into
+# WORK instead of run, so rounds run in different sessions or on different machines pool together.
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
@@ -16,8 +19,30 @@ PYTHON=${PYTHON:-python3}
 K=5
 FOLDS=("$@")
 [ ${#FOLDS[@]} -gt 0 ] || FOLDS=(0 1 2 3 4)
+MODEL=${MODEL:-unet-efficientnet-lite0}  # reference_model.sh's default, named here for the records
+RECORDS=${RECORDS:-}
+RECORD=(split.json test-score.json test-exported/report.json test-exported/report.md web-check.json model/model.json)
+copy_record() {  # copy_record FROM TO: the record's files that FROM has
+  local f
+  for f in "${RECORD[@]}"; do
+    [ ! -f "$1/$f" ] || { mkdir -p "$(dirname "$2/$f")" && cp "$1/$f" "$2/$f"; }
+  done
+}
+record_model() {  # record_model ROUND: the model name its exported settings hold
+  $PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"]["name"])' "$1/model/model.json"
+}
 for k in "${FOLDS[@]}"; do
   round=$WORK/fold-$k
+  record=$RECORDS/fold-$k
+  if [ -n "$RECORDS" ] && [ -f "$record/test-exported/report.json" ] && [ ! -f "$round/test-exported/report.json" ]; then
+    recorded=$(record_model "$record")
+    if [ "$recorded" != "$MODEL" ]; then
+      echo "reference_cv.sh: $record is a round of $recorded, not of MODEL=$MODEL" >&2
+      exit 2
+    fi
+    copy_record "$record" "$round"
+    echo "round $k: restored from $record"
+  fi
   [ -f "$round/test-exported/report.json" ] ||  # the round's last step
     SPLIT="--folds $K --test-fold $k --fractions 0.875,0.125,0 --seed 0" DATASET="$WORK/dataset" PACKAGE=0 \
       bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
@@ -25,6 +50,7 @@ for k in "${FOLDS[@]}"; do
     $PYTHON "$(dirname "$0")/reference_web_check.py" "$round/test-source" --model "$round/model" \
       --out "$round/web-check.json"
   fi
+  [ -z "$RECORDS" ] || copy_record "$round" "$record"
 done
 $PYTHON "$(dirname "$0")/reference_cv.py" "$WORK"
 for k in $(seq 0 $((K - 1))); do

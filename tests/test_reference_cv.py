@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,48 @@ def test_mask_files_and_evaluate_scoring_different_patients_is_refused(tmp_path)
 def test_no_rounds_is_one_line_and_exit_2(tmp_path, capsys):
     assert reference_cv.main(tmp_path) == 2
     assert "no fold-*/test-score.json" in capsys.readouterr().err
+
+
+def _record(folder: Path, model: str, patients: dict[str, float]) -> None:
+    """A finished round as jobs/reference_cv.sh keeps it: scores, web check, split and exported settings."""
+    m = _metrics(patients, (1, 0, 0, 1), (1, 0, 0, 1))
+    _round(folder.parent, folder.name, m, m, _web(1, [], 1, 1))
+    (folder / "model").mkdir()
+    (folder / "model" / "model.json").write_text(json.dumps({"model": {"name": model}}))
+    (folder / "split.json").write_text(json.dumps({"splits": {p: "test" for p in patients}}))
+
+
+def _cv_script(data: Path, work: Path, records: Path, model: str, *folds: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MODEL": model, "RECORDS": str(records), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT.with_suffix(".sh")), str(data), str(work), *folds],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+RECORDED = ("split.json", "test-score.json", "test-exported/report.json", "web-check.json", "model/model.json")
+
+
+def test_recorded_rounds_are_restored_and_finished_rounds_recorded_then_pooled(tmp_path):
+    # Round 0 ran elsewhere (only its record is here), round 1 ran in this WORK: neither trains again.
+    records, work = tmp_path / "records", tmp_path / "work"
+    _record(records / "fold-0", "unet-efficientnet-lite2", {"a": 0.9, "b": 0.7})
+    _record(work / "fold-1", "unet-efficientnet-lite2", {"c": 0.5})
+    done = _cv_script(tmp_path / "no-data", work, records, "unet-efficientnet-lite2", "0", "1")
+    assert done.returncode == 0, done.stderr
+    assert "round 0: restored from" in done.stdout and "round 1: restored" not in done.stdout
+    for name in RECORDED:
+        assert (work / "fold-0" / name).read_text() == (records / "fold-0" / name).read_text()
+        assert (records / "fold-1" / name).read_text() == (work / "fold-1" / name).read_text()
+    pooled = json.loads((work / "cv-score.json").read_text())["segment"]
+    assert pooled["rounds"] == ["fold-0", "fold-1"] and pooled["num_patients"] == 3
+    assert pooled["patient_dice_mean"] == pytest.approx(0.7)
+    assert not (work / "final").exists()  # the final model waits for all five rounds
+
+
+def test_a_record_of_another_model_is_refused(tmp_path):
+    records, work = tmp_path / "records", tmp_path / "work"
+    _record(records / "fold-0", "unet-efficientnet-lite2", {"a": 0.9})
+    done = _cv_script(tmp_path / "no-data", work, records, "unet-efficientnet-lite0", "0")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f"reference_cv.sh: {records / 'fold-0'} is a round of unet-efficientnet-lite2, "
+                                   "not of MODEL=unet-efficientnet-lite0")
+    assert not (work / "fold-0").exists()
