@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from brainseg_ray import storage
 from brainseg_ray.config import EvaluateConfig, TrainConfig
@@ -280,8 +281,8 @@ def test_evaluate_post_processing_is_the_segmenters(learning_data, trained_run, 
 
 def test_init_from_with_two_ddp_workers_to_s3_stops_early(learning_data, trained_run, s3_bucket, tmp_path, capsys):
     """Two DDP workers over gloo, checkpoints and the model on S3 (moto), all through the job,
-    starting at the trained artifact: with a learning rate too small to learn anything, the first
-    epoch validates about as well as the artifact. min_delta=1 makes any later epoch "no better"
+    starting at the trained artifact: with a learning rate too small to learn anything, every learned
+    weight stays the artifact's. min_delta=1 makes any later epoch "no better"
     than the first: with patience 1 the run stops after epoch 2 of 3, and the model is epoch 1's.
     A mismatched init_from model is refused in one line."""
     from brainseg_ray.cli import main
@@ -305,7 +306,12 @@ def test_init_from_with_two_ddp_workers_to_s3_stops_early(learning_data, trained
     assert load_artifact(tuned.model_uri).spec.name == "unet"
     assert storage.exists(f"{out}/curves.png") and storage.exists(f"{out}/split.json")
 
-    assert tuned.best_val_patient_dice >= result.best_val_patient_dice - 0.05 >= 0.6
+    # Weights, not Dice: BatchNorm's running statistics still move in train mode, and one epoch of
+    # them moved validation Dice 0.07 below the artifact's in one CI run (0.853 against 0.922).
+    start = dict(load_artifact(result.model_uri).model.named_parameters())
+    for name, weight in load_artifact(tuned.model_uri).model.named_parameters():
+        assert torch.allclose(weight, start[name], atol=1e-6), name
+    assert tuned.best_val_patient_dice >= 0.6
     record = load_artifact(tuned.model_uri).metadata["training"]["init_from"]
     assert record == {"uri": result.model_uri, "version": load_artifact(result.model_uri).metadata["version"]}
 
