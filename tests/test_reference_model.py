@@ -49,6 +49,9 @@ def test_the_rebuild_script_names_what_shipped():
     meta = load_artifact("reference").metadata
     script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_model.sh").read_text()
     assert f"MODEL=${{MODEL:-{meta['model']['name']}}} " in script
+    # The cross-validation script names the same default, to check its records against it.
+    cv_script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_cv.sh").read_text()
+    assert f"MODEL=${{MODEL:-{meta['model']['name']}}} " in cv_script
     # The shipped threshold is where the choices start or one of the cuts they compare.
     start = re.search(r"^THRESHOLD=([0-9.]+) ", script, re.M).group(1)
     cuts = re.search(r"^THRESHOLDS=([0-9.,]+) ", script, re.M).group(1).split(",")
