@@ -133,6 +133,7 @@ def training_batch(images: np.ndarray, masks: np.ndarray, *, normalisation: dict
     return x, masks_to_tensor(masks, size, device), centred
 
 
+@torch.no_grad()  # no autograd graph: validation's whole slices would hold every activation
 def validate(model: nn.Module, batches: Iterable[tuple[list[str], np.ndarray, np.ndarray]], *, loss_fn: nn.Module,
              normalisation: dict, size: int, device: torch.device, precision: str, channels_last: bool,
              threshold: float) -> tuple[SegmentationMetrics, float, int]:
