@@ -141,6 +141,33 @@ def test_rescale_slices_clips_and_leaves_dataset_normalisation_alone():
     assert rescale_slices(image[:0], SLICE).shape == (0, 128, 128, 3)
 
 
+def _rescaled_by_sorting(images, percentile, target):
+    """rescale_slices' definition spelled out slowly: each channel's brain pixels sorted, the one at
+    the percentile's rank gives the factor."""
+    out = images.astype(np.float32)
+    for i in range(len(images)):
+        for j in range(images.shape[-1]):
+            brain = np.sort(images[i, ..., j][images[i, ..., j] > 10])
+            if len(brain) >= 256:
+                value = brain[int(round(percentile / 100 * (len(brain) - 1)))]
+                out[i, ..., j] *= np.float32(np.clip(target / float(value), 0.5, 4.0))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def test_rescale_slices_picks_the_same_percentile_as_sorting():
+    """Random heads of every brightness, some with too few brain pixels, some passed as views."""
+    rng = np.random.default_rng(7)
+    images = np.zeros((12, 64, 64, 3), np.uint8)
+    for i, image in enumerate(images):
+        for j in range(3):
+            side = [10, 16, 17, 40, 64][(i + j) % 5]  # 100, 256, 289, 1600 and 4096 candidate pixels
+            image[:side, :side, j] = rng.integers(0, rng.integers(12, 256), (side, side))
+    for percentile in (99.0, 50.0, 90.0):
+        norm = dict(SLICE, slice_percentile=percentile)
+        assert np.array_equal(rescale_slices(images, norm), _rescaled_by_sorting(images, percentile, 150.0))
+    view = images[:, ::2, 1:]  # not contiguous
+    assert np.array_equal(rescale_slices(view, SLICE), _rescaled_by_sorting(view, 99.0, 150.0))
+
 def test_slice_normalisation_makes_the_input_independent_of_a_scanners_brightness():
     """The same slice at two brightnesses reaches the model as nearly the same tensor with
     normalisation "slice", and as clearly different ones without it."""
