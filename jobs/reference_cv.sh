@@ -21,6 +21,8 @@ FOLDS=("$@")
 [ ${#FOLDS[@]} -gt 0 ] || FOLDS=(0 1 2 3 4)
 MODEL=${MODEL:-unet-efficientnet-lite0}  # reference_model.sh's default, named here for the records
 RECORDS=${RECORDS:-}
+BROWSER=false  # the web check's Chromium
+if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then BROWSER=true; fi
 RECORD=(split.json test-score.json test-exported/report.json test-exported/report.md web-check.json model/model.json)
 copy_record() {  # copy_record FROM TO: the record's files that FROM has
   local f
@@ -43,10 +45,14 @@ for k in "${FOLDS[@]}"; do
     copy_record "$record" "$round"
     echo "round $k: restored from $record"
   fi
+  if [ ! -f "$round/web-check.json" ] && ! $BROWSER; then  # said before a round's hours of training, not after
+    echo "reference_cv.sh: round $k gets no web check: chromium and chromedriver are not on PATH" \
+      "(make browser, then rerun the same command to add it)" >&2
+  fi
   [ -f "$round/test-exported/report.json" ] ||  # the round's last step
     SPLIT="--folds $K --test-fold $k --fractions 0.875,0.125,0 --seed 0" DATASET="$WORK/dataset" PACKAGE=0 \
       bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
-  if [ ! -f "$round/web-check.json" ] && command -v chromium >/dev/null && command -v chromedriver >/dev/null; then
+  if [ ! -f "$round/web-check.json" ] && $BROWSER; then
     $PYTHON "$(dirname "$0")/reference_web_check.py" "$round/test-source" --model "$round/model" \
       --out "$round/web-check.json"
   fi

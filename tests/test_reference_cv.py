@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,25 @@ def test_a_record_of_another_model_is_refused(tmp_path):
     assert done.stderr.strip() == (f"reference_cv.sh: {records / 'fold-0'} is a round of unet-efficientnet-lite2, "
                                    "not of MODEL=unet-efficientnet-lite0")
     assert not (work / "fold-0").exists()
+
+
+def test_a_round_without_chromium_is_warned_of_before_it_runs(tmp_path):
+    """Without the browser a round still runs and pools, but says so up front, not after its hours
+    of training; a round whose web check is recorded is not warned of."""
+    records, work, bin_dir = tmp_path / "records", tmp_path / "work", tmp_path / "bin"
+    _record(work / "fold-1", "unet-efficientnet-lite2", {"c": 0.5})
+    (work / "fold-1" / "web-check.json").unlink()
+    _record(records / "fold-0", "unet-efficientnet-lite2", {"a": 0.9})
+    bin_dir.mkdir()
+    for tool in ("bash", "cp", "mkdir", "dirname", "seq"):  # a PATH with what the script needs, no browser
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {**os.environ, "MODEL": "unet-efficientnet-lite2", "RECORDS": str(records), "PYTHON": sys.executable,
+           "PATH": str(bin_dir)}
+    done = subprocess.run([str(bin_dir / "bash"), str(SCRIPT.with_suffix(".sh")), str(tmp_path / "no-data"),
+                           str(work), "0", "1"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "reference_cv.sh: round 1 gets no web check: chromium and chromedriver are not on PATH "
+        "(make browser, then rerun the same command to add it)"]
+    assert not (work / "fold-1" / "web-check.json").exists()
+    assert json.loads((work / "cv-score.json").read_text())["segment"]["num_patients"] == 2
