@@ -101,8 +101,11 @@ def _record(folder: Path, model: str, patients: dict[str, float]) -> None:
     (folder / "split.json").write_text(json.dumps({"splits": {p: "test" for p in patients}}))
 
 
-def _cv_script(data: Path, work: Path, records: Path, model: str, *folds: str) -> subprocess.CompletedProcess:
+def _cv_script(data: Path, work: Path, records: Path, model: str, *folds: str,
+               path: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "MODEL": model, "RECORDS": str(records), "PYTHON": sys.executable}
+    if path is not None:
+        env["PATH"] = str(path)
     return subprocess.run(["bash", str(SCRIPT.with_suffix(".sh")), str(data), str(work), *folds],
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -147,10 +150,7 @@ def test_a_round_without_chromium_is_warned_of_before_it_runs(tmp_path):
     bin_dir.mkdir()
     for tool in ("bash", "cp", "mkdir", "dirname", "seq"):  # a PATH with what the script needs, no browser
         (bin_dir / tool).symlink_to(shutil.which(tool))
-    env = {**os.environ, "MODEL": "unet-efficientnet-lite2", "RECORDS": str(records), "PYTHON": sys.executable,
-           "PATH": str(bin_dir)}
-    done = subprocess.run([str(bin_dir / "bash"), str(SCRIPT.with_suffix(".sh")), str(tmp_path / "no-data"),
-                           str(work), "0", "1"], env=env, capture_output=True, text=True, timeout=120)
+    done = _cv_script(tmp_path / "no-data", work, records, "unet-efficientnet-lite2", "0", "1", path=bin_dir)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == [
         "reference_cv.sh: round 1 gets no web check: chromium and chromedriver are not on PATH "

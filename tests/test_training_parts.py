@@ -11,6 +11,9 @@ from brainseg_ray.compat import ensure_torchvision_importable
 from brainseg_ray.devices import cpu_has_native_bf16, pick_device, resolve_precision
 from brainseg_ray.models.inputs import (
     DEFAULT_NORMALISATION,
+    SLICE_FLOOR,
+    SLICE_GAINS,
+    SLICE_MIN_PIXELS,
     images_to_tensor,
     logits_to_probabilities,
     masks_to_tensor,
@@ -147,10 +150,10 @@ def _rescaled_by_sorting(images, percentile, target):
     out = images.astype(np.float32)
     for i in range(len(images)):
         for j in range(images.shape[-1]):
-            brain = np.sort(images[i, ..., j][images[i, ..., j] > 10])
-            if len(brain) >= 256:
+            brain = np.sort(images[i, ..., j][images[i, ..., j] > SLICE_FLOOR])
+            if len(brain) >= SLICE_MIN_PIXELS:
                 value = brain[int(round(percentile / 100 * (len(brain) - 1)))]
-                out[i, ..., j] *= np.float32(np.clip(target / float(value), 0.5, 4.0))
+                out[i, ..., j] *= np.float32(np.clip(target / float(value), *SLICE_GAINS))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -160,13 +163,14 @@ def test_rescale_slices_picks_the_same_percentile_as_sorting():
     images = np.zeros((12, 64, 64, 3), np.uint8)
     for i, image in enumerate(images):
         for j in range(3):
-            side = [10, 16, 17, 40, 64][(i + j) % 5]  # 100, 256, 289, 1600 and 4096 candidate pixels
+            side = [10, 16, 17, 40, 64][(i + j) % 5]  # squares of 100 to 4096 pixels, some of them air
             image[:side, :side, j] = rng.integers(0, rng.integers(12, 256), (side, side))
     for percentile in (99.0, 50.0, 90.0):
         norm = dict(SLICE, slice_percentile=percentile)
         assert np.array_equal(rescale_slices(images, norm), _rescaled_by_sorting(images, percentile, 150.0))
     view = images[:, ::2, 1:]  # not contiguous
     assert np.array_equal(rescale_slices(view, SLICE), _rescaled_by_sorting(view, 99.0, 150.0))
+
 
 def test_slice_normalisation_makes_the_input_independent_of_a_scanners_brightness():
     """The same slice at two brightnesses reaches the model as nearly the same tensor with
