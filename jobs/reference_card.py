@@ -39,6 +39,7 @@ STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 2
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
          "2d-px64": "2-D components under 64 px dropped", "2d-tta": "flip TTA",
          "2d-tta-peak90": "flip TTA, then 2-D components peaking under 0.9 dropped"}
+STAGES_SHORT = {"stage1": "stage 1", "stage2": "stage 2"}
 VOLUME = {"3d-largest": "largest 3-D component per patient", "3d-fifth": "3-D components of at least 0.2 of the largest"}
 
 
@@ -105,9 +106,14 @@ def _worst_pictures(round_of: dict[str, Path], out: Path, dice: dict[str, float]
     outlined in green and the model's mask in red."""
     import pyarrow.parquet as pq
 
-    lines = []
+    lines, pictured = [], 0
     for rank, patient in enumerate(sorted(dice, key=dice.get)[:n], start=1):
         work = round_of[patient]
+        if not (work / "test-segment" / "results.parquet").exists():
+            # A round restored from its record keeps its scores, not its mask files.
+            lines.append(f"{rank}. **{patient}**, patient Dice {dice[patient]:.4f} ({work.name}; no picture: "
+                         f"that round's mask files are not kept in its record).")
+            continue
         results = pq.read_table(work / "test-segment" / "results.parquet").to_pylist()
         source = work / "test-source" / "kaggle_3m"
         worst, worst_wrong = None, -1
@@ -123,7 +129,8 @@ def _worst_pictures(round_of: dict[str, Path], out: Path, dice: dict[str, float]
         picture = overlay(image, truth.astype(np.uint8), color=(0, 255, 0))
         red = np.any(overlay(image, predicted.astype(np.uint8)) != overlay(image, np.zeros_like(truth, np.uint8)), -1)
         picture[red] = (255, 0, 0)
-        file = f"worst-{rank}.png"
+        pictured += 1
+        file = f"worst-{pictured}.png"
         (out / file).write_bytes(encode_png(picture))
         lines.append(f"{rank}. **{patient}**, patient Dice {dice[patient]:.4f}: slice {name}, "
                      f"{int(truth.sum())} reference px, {int(predicted.sum())} predicted, {worst_wrong} wrong "
@@ -161,7 +168,9 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     meta = artifact.metadata
     params = sum(p.numel() for p in artifact.model.parameters())
     stage_rows, minutes = _stage_rows(work)
-    cv_minutes = sum(_stage_rows(r)[1] for r in rounds) if cv else 0.0
+    # A round restored from its record (jobs/reference_cv.sh's RECORDS) has no train histories here.
+    timed = [r for r in rounds if all((r / stage / "history.json").exists() for stage in STAGES)] if cv else []
+    cv_minutes = sum(_stage_rows(r)[1] for r in timed)
     stage = reference_choice.best(work, ["stage1", "stage2"])
     plane = reference_choice.best(work, list(PLANE))
     volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
@@ -191,7 +200,7 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
 
 The default model of `brainseg segment`, `brainseg serve`, the web page and the demo's reference step
 (`model=reference`). Version `{meta['version']}`, {params / 1e6:.1f} M parameters, float16 weights;
-this folder is {size_mb:.1f} MB. Rebuilt by `bash jobs/reference_model.sh DATA WORK`; this card is
+this folder is {size_mb:.1f} MB. {_rebuild_text(meta['model']['name'], cv, len(rounds))}; this card is
 written by `jobs/reference_card.py` from that script's outputs.
 
 **Research use only. Not a medical device**: it has not been validated for diagnosis or treatment.
@@ -225,16 +234,14 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
 
 Both stages: batch 8, AdamW (weight decay 1e-4), BCE + soft Dice, cosine schedule after a linear
 warm-up, augmentation `{augmentation}` ({SUMMARIES[augmentation]}),
-one worker on 2 CPU cores (an Intel Xeon with AMX, so
-`precision=auto` trained in bf16 autocast). Validation always on whole slices. Every figure below is
-computed in fp32.
+one worker on 2 CPU cores with `precision=auto` (bf16 autocast on a CPU with bf16, fp32 on one
+without). Validation always on whole slices. Every figure below is computed in fp32.
 
 | stage | input | steps | batch | peak lr | best validation patient Dice (no post-processing) | minutes |
 | --- | --- | ---: | ---: | ---: | ---: | ---: |
 {chr(10).join(stage_rows)}
 
-Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU{
-    f"; the cross-validation's {len(rounds)} rounds took {cv_minutes:.0f} more" if cv else ""}.
+Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU{_cv_minutes_text(rounds, timed, cv_minutes) if cv else ""}.
 
 ## How it was chosen (validation patients)
 
@@ -280,7 +287,7 @@ reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(p
 
 {_web_text(web, tested)}
 
-### {tested.capitalize()} patients, by Dice
+{_rounds_section(rounds) if cv else ""}### {tested.capitalize()} patients, by Dice
 
 | patient | Dice |
 | --- | ---: |
@@ -294,11 +301,10 @@ reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(p
 
 - Mean patient Dice on the {tested} patients is {_f(score['patient_dice_mean'])} (median
   {_f(score['patient_dice_median'])}); {len(score['patients_under_0.5'])}
-  of {n_test} are under 0.5. Pixel recall ({_f(score['pixel']['recall'])}) is below
-  pixel precision ({_f(score['pixel']['precision'])}): where it errs, it mostly draws lesions too small.
-- The largest 3-D component can be a false one: then the real lesion is dropped (the first
-  picture above).
-- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
+  of {n_test} are under 0.5. {_pixel_text(score['pixel'])}
+- The largest 3-D component can be a false one: then the real lesion is dropped and the patient
+  scores a Dice near 0.
+{_choice_limit(rounds, counts['val']) if cv else ""}- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
   scanners, sequences or resolutions are untested.
 - The figures rest on {n_test} patients: expect a few hundredths either way on others.
 - Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
@@ -316,6 +322,73 @@ def _test_text(rounds: list[Path], cv: Path | None) -> str:
             f"and choose (patients per round, train/validation/test: "
             f"{', '.join(_round_counts(r) for r in rounds)}); every patient is scored once, by a round's model "
             f"that never saw it.")
+
+
+def _rebuild_text(model: str, cv: Path | None, n_rounds: int) -> str:
+    if not cv:
+        return "Rebuilt by `bash jobs/reference_model.sh DATA WORK`"
+    return (f"Rebuilt by `MODEL={model} bash jobs/reference_cv.sh DATA WORK`: its {n_rounds} rounds of "
+            f"cross-validation, then this model in `WORK/final` by `jobs/reference_model.sh` on all the patients")
+
+
+def _cv_minutes_text(rounds: list[Path], timed: list[Path], minutes: float) -> str:
+    if len(timed) == len(rounds):
+        return f"; the cross-validation's {len(rounds)} rounds took {minutes:.0f} more"
+    if not timed:
+        return f"; the cross-validation's {len(rounds)} rounds' training times are not in their records"
+    return (f"; the cross-validation's training took {minutes:.0f} more in the {len(timed)} of its {len(rounds)} "
+            f"rounds whose train histories are here (the others' records keep their scores, not their histories)")
+
+
+def _pixel_text(pixel: dict) -> str:
+    recall, precision = pixel["recall"], pixel["precision"]
+    if recall is None or precision is None:
+        return "There are no tumour pixels to weigh recall against precision."
+    if recall < precision:
+        return (f"Pixel recall ({_f(recall)}) is below pixel precision ({_f(precision)}): where it errs, "
+                f"it mostly draws lesions too small.")
+    return (f"Pixel recall ({_f(recall)}) is at or above pixel precision ({_f(precision)}): where it errs, "
+            f"it mostly draws lesions too large.")
+
+
+def _round_choice(work: Path) -> tuple[str, dict]:
+    """A round's chosen stage (the stage its exported model came from) and its exported settings."""
+    meta = _json(work / "model" / "model.json")
+    stage = Path(meta["exported_from"]["uri"]).parent.name
+    return STAGES_SHORT.get(stage, stage), meta
+
+
+def _rounds_section(rounds: list[Path]) -> str:
+    """One row per round of the cross-validation: its test patients' figures (`brainseg evaluate`)
+    and what it chose on its own validation patients."""
+    rows = []
+    for r in rounds:
+        m = _json(r / "test-exported" / "report.json")["models"][0]["metrics"]
+        d = m["detection"]
+        stage, meta = _round_choice(r)
+        web = _json(r / "web-check.json") if (r / "web-check.json").exists() else None
+        free = (f"{web['tumour_free'] - web['tumour_free_said_present']} of {web['tumour_free']}" if web
+                else "not run")
+        rows.append(f"| {r.name.replace('fold-', '')} | {m['num_patients']} | {_f(m['patient_dice_mean'])} | "
+                    f"{_f(statistics.median(m['patient_dice'].values()))} | {_f(d['sensitivity'])} | "
+                    f"{_f(d['specificity'])} | {free} | {stage}; threshold {meta['threshold']:g}; "
+                    f"{postprocess_text(meta['postprocess'])} |")
+    return ("### The rounds\n\n"
+            "Each round's model on its own test patients, and what that round chose on its validation "
+            "patients:\n\n"
+            "| round | patients | patient Dice (mean) | patient Dice (median) | detection sensitivity | "
+            "detection specificity | web page: tumour-free slices shown as no tumour | chosen |\n"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n\n")
+
+
+def _choice_limit(rounds: list[Path], n_val: int) -> str:
+    """How far the rounds' choices agreed: each was made on a handful of validation patients."""
+    choices = {(s, m["threshold"], json.dumps(m["postprocess"], sort_keys=True))
+               for s, m in (_round_choice(r) for r in rounds)}
+    return (f"- Each choice rests on a few validation patients ({n_val} for this model); the "
+            f"{len(rounds)} rounds made {len(choices)} different sets of choices (stage, threshold, "
+            f"post-processing; the rounds table above): this model's own, made the same way on its "
+            f"validation patients, are one draw of such choices, not a settled optimum.\n")
 
 
 def _round_counts(work: Path) -> str:

@@ -18,7 +18,7 @@ CARD = REFERENCE_DIR / "MODEL_CARD.md"
 
 def _card_row(label: str) -> list[float]:
     """The figures of the card's table row that starts with `label`."""
-    row = next(line for line in CARD.read_text().splitlines() if line.startswith(f"| {label}"))
+    row = next(line for line in CARD.read_text().splitlines() if line.startswith(f"| {label} |"))
     return [float(cell) for cell in re.findall(r"\|\s*([01]\.\d{4})\s*(?=\|)", row)]
 
 
@@ -52,6 +52,10 @@ def test_the_rebuild_script_names_what_shipped():
     # The cross-validation script names the same default, to check its records against it.
     cv_script = (REFERENCE_DIR.parents[1] / "jobs" / "reference_cv.sh").read_text()
     assert f"MODEL=${{MODEL:-{meta['model']['name']}}} " in cv_script
+    # The speed benchmarks default to its architecture (random weights: speed does not need trained ones).
+    for bench in ("segment.py", "serve.py"):
+        text = (REFERENCE_DIR.parents[1] / "bench" / bench).read_text()
+        assert f'"--arch", default="{meta["model"]["name"]}", help="the shipped model' in text
     # The shipped threshold is where the choices start or one of the cuts they compare.
     start = re.search(r"^THRESHOLD=([0-9.]+) ", script, re.M).group(1)
     cuts = re.search(r"^THRESHOLDS=([0-9.,]+) ", script, re.M).group(1).split(",")
@@ -104,3 +108,46 @@ def test_evaluate_reproduces_the_cards_validation_figures(shared_root, ray_local
     meta = load_artifact("reference").metadata
     assert json.loads((tmp_path / "report" / "report.json").read_text())["models"][0]["postprocess"] == \
         meta["postprocess"]
+
+
+def _records_of_shipped_model():
+    """The cross-validation records (docs/reference-cv/MODEL) of the shipped model's recipe."""
+    import importlib.util
+
+    from brainseg_ray.models.artifact import load_artifact
+
+    root = REFERENCE_DIR.parents[1]
+    spec = importlib.util.spec_from_file_location("reference_cv", root / "jobs" / "reference_cv.py")
+    reference_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference_cv)
+    name = load_artifact("reference").metadata["model"]["name"]
+    return reference_cv, sorted((root / "docs" / "reference-cv" / name).glob("fold-*"))
+
+
+def test_the_cards_cross_validation_figures_are_its_recipes_records():
+    """The card's pooled rows and its rounds table, recomputed from the records in the repository:
+    the figures the shipped model is judged by cannot drift from the rounds that made them."""
+    text = CARD.read_text()
+    if "| cross-validation (evaluate)" not in text:
+        pytest.skip("the shipped card reports its own test patients, not a cross-validation")
+    reference_cv, rounds = _records_of_shipped_model()
+    assert len(rounds) == 5
+    pooled = reference_cv.pool_rounds(rounds)
+    for label, key in (("cross-validation (evaluate)", "evaluate"), ("cross-validation (segment mask files)",
+                                                                      "segment")):
+        m = pooled[key]
+        assert _card_row(label) == pytest.approx(
+            [m["patient_dice_mean"], m["patient_dice_median"], m["slice_dice_mean"], m["pixel"]["precision"],
+             m["pixel"]["recall"], m["detection"]["sensitivity"], m["detection"]["specificity"]], abs=1e-4)
+    web = pooled["web"]
+    assert f"{web['tumour_free'] - web['tumour_free_said_present']} of {web['tumour_free']} tumour-free" in text
+    for record in rounds:
+        metrics = json.loads((record / "test-exported" / "report.json").read_text())["models"][0]["metrics"]
+        settings = json.loads((record / "model" / "model.json").read_text())
+        row = _card_row(record.name.replace("fold-", ""))
+        assert row[:2] == pytest.approx([metrics["patient_dice_mean"],
+                                         statistics.median(metrics["patient_dice"].values())], abs=1e-4)
+        line = next(x for x in text.splitlines() if x.startswith(f"| {record.name.replace('fold-', '')} |"))
+        assert f"threshold {settings['threshold']:g};" in line
+    # Every patient of the data set scored once, by a round that never saw it.
+    assert pooled["segment"]["num_patients"] == 50
