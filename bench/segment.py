@@ -1,6 +1,6 @@
 """Bulk segmentation throughput, all in one run, on the same slices and the same model:
 
-    .venv/bin/python bench/segment.py [--data KAGGLE_3M_DIR] [--model ARTIFACT | --arch unet-efficientnet-lite0]
+    .venv/bin/python bench/segment.py [--data KAGGLE_3M_DIR] [--model ARTIFACT | --arch unet-efficientnet-lite2]
                                       [--slices 800] [--small 200] [--batch-size N] [--backend auto]
 
 (a) the limit: the model's own forward loop over in-memory tensors, at the job's batch size and
@@ -161,7 +161,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data")
     parser.add_argument("--model")
-    parser.add_argument("--arch", default="unet-efficientnet-lite0", help="the shipped model's architecture")
+    parser.add_argument("--arch", default="unet-efficientnet-lite2", help="the shipped model's architecture")
     parser.add_argument("--slices", type=int, default=800)
     parser.add_argument("--small", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=None, help="default: the job's (devices.py)")

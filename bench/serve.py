@@ -1,6 +1,6 @@
 """The Serve endpoint against a plain single-process app, one run, the same model and slice:
 
-    .venv/bin/python bench/serve.py [--model ARTIFACT | --arch unet-efficientnet-lite0] [--duration 20]
+    .venv/bin/python bench/serve.py [--model ARTIFACT | --arch unet-efficientnet-lite2] [--duration 20]
                                     [--config serve_config.yaml] [key=value ...]
 
 (a) Serve: serve_config.yaml's application (its args, then key=value overrides) on a local Ray
@@ -182,7 +182,7 @@ def measure(urls: dict[str, str], body: bytes, duration_s: float, warmup_s: floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
-    parser.add_argument("--arch", default="unet-efficientnet-lite0", help="the shipped model's architecture")
+    parser.add_argument("--arch", default="unet-efficientnet-lite2", help="the shipped model's architecture")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per concurrency")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of warm-up of each app per concurrency")
     parser.add_argument("--rounds", type=int, default=2, help="turns each app takes per concurrency")

