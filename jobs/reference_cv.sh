@@ -9,8 +9,9 @@
 # where it stopped: finished steps are skipped, training resumes from its checkpoints.
 #   bash jobs/reference_cv.sh [DATA] [WORK] [FOLDS...]   (FOLDS: default 0 1 2 3 4 and the final model)
 # RECORDS (a folder, e.g. docs/reference-cv/MODEL) keeps each finished round's figures: its split,
-# scores, web check and exported settings, a few small files. A round found there is restored into
-# WORK instead of run, so rounds run in different sessions or on different machines pool together.
+# scores, web check, exported settings and train histories, a few small files. A round found there
+# is restored into WORK instead of run, so rounds run in different sessions or on different
+# machines pool together.
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
@@ -23,7 +24,8 @@ MODEL=${MODEL:-unet-efficientnet-lite2}  # reference_model.sh's default, named h
 RECORDS=${RECORDS:-}
 BROWSER=false  # the web check's Chromium
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then BROWSER=true; fi
-RECORD=(split.json test-score.json test-exported/report.json test-exported/report.md web-check.json model/model.json)
+RECORD=(split.json test-score.json test-exported/report.json test-exported/report.md web-check.json model/model.json
+  stage1/history.json stage2/history.json)
 copy_record() {  # copy_record FROM TO: the record's files that FROM has
   local f
   for f in "${RECORD[@]}"; do

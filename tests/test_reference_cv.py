@@ -118,12 +118,17 @@ def test_recorded_rounds_are_restored_and_finished_rounds_recorded_then_pooled(t
     records, work = tmp_path / "records", tmp_path / "work"
     _record(records / "fold-0", "unet-efficientnet-lite2", {"a": 0.9, "b": 0.7})
     _record(work / "fold-1", "unet-efficientnet-lite2", {"c": 0.5})
+    (work / "fold-1" / "stage1").mkdir()  # its train history goes into the record (the card's compute)
+    (work / "fold-1" / "stage1" / "history.json").write_text('[{"train_seconds": 60, "val_seconds": 1}]')
     done = _cv_script(tmp_path / "no-data", work, records, "unet-efficientnet-lite2", "0", "1")
     assert done.returncode == 0, done.stderr
     assert "round 0: restored from" in done.stdout and "round 1: restored" not in done.stdout
     for name in RECORDED:
         assert (work / "fold-0" / name).read_text() == (records / "fold-0" / name).read_text()
         assert (records / "fold-1" / name).read_text() == (work / "fold-1" / name).read_text()
+    assert (records / "fold-1" / "stage1" / "history.json").read_text() == \
+        (work / "fold-1" / "stage1" / "history.json").read_text()
+    assert not (records / "fold-1" / "stage2").exists()  # what a round lacks is not made up
     pooled = json.loads((work / "cv-score.json").read_text())["segment"]
     assert pooled["rounds"] == ["fold-0", "fold-1"] and pooled["num_patients"] == 3
     assert pooled["patient_dice_mean"] == pytest.approx(0.7)
