@@ -36,10 +36,10 @@ import reference_choice  # noqa: E402  (beside this script)
 from reference_cv import pool_rounds  # noqa: E402
 
 STAGES = {"stage1": "128 px crops, half centred near tumour", "stage2": "whole 256 px slices"}
+STAGE_NAMES = {"stage1": "stage 1", "stage2": "stage 2"}
 PLANE = {"2d-none": "none", "2d-peak90": "2-D components peaking under 0.9 dropped",
          "2d-px64": "2-D components under 64 px dropped", "2d-tta": "flip TTA",
          "2d-tta-peak90": "flip TTA, then 2-D components peaking under 0.9 dropped"}
-STAGES_SHORT = {"stage1": "stage 1", "stage2": "stage 2"}
 VOLUME = {"3d-largest": "largest 3-D component per patient", "3d-fifth": "3-D components of at least 0.2 of the largest"}
 
 
@@ -171,6 +171,7 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     # A round restored from its record (jobs/reference_cv.sh's RECORDS) has no train histories here.
     timed = [r for r in rounds if all((r / stage / "history.json").exists() for stage in STAGES)] if cv else []
     cv_minutes = sum(_stage_rows(r)[1] for r in timed)
+    choices = {r: _round_choice(r) for r in rounds} if cv else {}
     stage = reference_choice.best(work, ["stage1", "stage2"])
     plane = reference_choice.best(work, list(PLANE))
     volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
@@ -251,7 +252,7 @@ flip TTA (it triples the cost of every slice); ties go to the simpler option. St
 
 | stage (no post-processing) | patient Dice | detection sensitivity | detection specificity | score | |
 | --- | ---: | ---: | ---: | ---: | --- |
-{chr(10).join(_choice_rows(work, {'stage1': 'stage 1', 'stage2': 'stage 2'}, stage))}
+{chr(10).join(_choice_rows(work, STAGE_NAMES, stage))}
 
 One-slice post-processing first (what Serve can apply), at threshold {_report(work, plane)['threshold']:g}:
 
@@ -287,7 +288,7 @@ reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(p
 
 {_web_text(web, tested)}
 
-{_rounds_section(rounds) if cv else ""}### {tested.capitalize()} patients, by Dice
+{_rounds_section(choices) if cv else ""}### {tested.capitalize()} patients, by Dice
 
 | patient | Dice |
 | --- | ---: |
@@ -304,7 +305,7 @@ reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(p
   of {n_test} are under 0.5. {_pixel_text(score['pixel'])}
 - The largest 3-D component can be a false one: then the real lesion is dropped and the patient
   scores a Dice near 0.
-{_choice_limit(rounds, counts['val']) if cv else ""}- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
+{_choice_limit(choices, counts['val']) if cv else ""}- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
   scanners, sequences or resolutions are untested.
 - The figures rest on {n_test} patients: expect a few hundredths either way on others.
 - Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
@@ -355,17 +356,16 @@ def _round_choice(work: Path) -> tuple[str, dict]:
     """A round's chosen stage (the stage its exported model came from) and its exported settings."""
     meta = _json(work / "model" / "model.json")
     stage = Path(meta["exported_from"]["uri"]).parent.name
-    return STAGES_SHORT.get(stage, stage), meta
+    return STAGE_NAMES.get(stage, stage), meta
 
 
-def _rounds_section(rounds: list[Path]) -> str:
-    """One row per round of the cross-validation: its test patients' figures (`brainseg evaluate`)
-    and what it chose on its own validation patients."""
+def _rounds_section(choices: dict[Path, tuple[str, dict]]) -> str:
+    """One row per round of the cross-validation (`choices`: round -> _round_choice): its test
+    patients' figures (`brainseg evaluate`) and what it chose on its own validation patients."""
     rows = []
-    for r in rounds:
+    for r, (stage, meta) in choices.items():
         m = _json(r / "test-exported" / "report.json")["models"][0]["metrics"]
         d = m["detection"]
-        stage, meta = _round_choice(r)
         web = _json(r / "web-check.json") if (r / "web-check.json").exists() else None
         free = (f"{web['tumour_free'] - web['tumour_free_said_present']} of {web['tumour_free']}" if web
                 else "not run")
@@ -381,12 +381,11 @@ def _rounds_section(rounds: list[Path]) -> str:
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n\n")
 
 
-def _choice_limit(rounds: list[Path], n_val: int) -> str:
+def _choice_limit(choices: dict[Path, tuple[str, dict]], n_val: int) -> str:
     """How far the rounds' choices agreed: each was made on a handful of validation patients."""
-    choices = {(s, m["threshold"], json.dumps(m["postprocess"], sort_keys=True))
-               for s, m in (_round_choice(r) for r in rounds)}
+    distinct = {(s, m["threshold"], json.dumps(m["postprocess"], sort_keys=True)) for s, m in choices.values()}
     return (f"- Each choice rests on a few validation patients ({n_val} for this model); the "
-            f"{len(rounds)} rounds made {len(choices)} different sets of choices (stage, threshold, "
+            f"{len(choices)} rounds made {len(distinct)} different sets of choices (stage, threshold, "
             f"post-processing; the rounds table above): this model's own, made the same way on its "
             f"validation patients, are one draw of such choices, not a settled optimum.\n")
 

@@ -16,10 +16,14 @@ pytestmark = pytest.mark.skipif(reference_model() is None, reason=f"no reference
 CARD = REFERENCE_DIR / "MODEL_CARD.md"
 
 
+def _card_line(label: str) -> str:
+    """The card's table row whose first cell is `label`."""
+    return next(line for line in CARD.read_text().splitlines() if line.startswith(f"| {label} |"))
+
+
 def _card_row(label: str) -> list[float]:
-    """The figures of the card's table row that starts with `label`."""
-    row = next(line for line in CARD.read_text().splitlines() if line.startswith(f"| {label} |"))
-    return [float(cell) for cell in re.findall(r"\|\s*([01]\.\d{4})\s*(?=\|)", row)]
+    """The figures of the card's table row whose first cell is `label`."""
+    return [float(cell) for cell in re.findall(r"\|\s*([01]\.\d{4})\s*(?=\|)", _card_line(label))]
 
 
 def test_artifact_loads_and_is_small_enough():
@@ -144,10 +148,9 @@ def test_the_cards_cross_validation_figures_are_its_recipes_records():
     for record in rounds:
         metrics = json.loads((record / "test-exported" / "report.json").read_text())["models"][0]["metrics"]
         settings = json.loads((record / "model" / "model.json").read_text())
-        row = _card_row(record.name.replace("fold-", ""))
-        assert row[:2] == pytest.approx([metrics["patient_dice_mean"],
-                                         statistics.median(metrics["patient_dice"].values())], abs=1e-4)
-        line = next(x for x in text.splitlines() if x.startswith(f"| {record.name.replace('fold-', '')} |"))
-        assert f"threshold {settings['threshold']:g};" in line
+        label = record.name.replace("fold-", "")
+        assert _card_row(label)[:2] == pytest.approx([metrics["patient_dice_mean"],
+                                                      statistics.median(metrics["patient_dice"].values())], abs=1e-4)
+        assert f"threshold {settings['threshold']:g};" in _card_line(label)
     # Every patient of the data set scored once, by a round that never saw it.
     assert pooled["segment"]["num_patients"] == 50
