@@ -6,8 +6,16 @@ TTA, which triples the cost of every slice; a tie goes to the first named. A thr
 the same way from one report's sweep (its predictions cut at each of the sweep's thresholds).
 The script and the card (jobs/reference_card.py) both call this, so they cannot disagree.
 
+The pooled choice (jobs/reference_cv.sh CHOICE=pooled) chooses instead over the grids of
+jobs/reference_grid.py, each round's candidates scored on its own test patients: a round takes the
+candidate that ranks first over the other rounds' patients pooled (the final model, over all of
+them), by patient Dice + detection sensitivity + detection specificity, less the same TTA cost.
+Five validation patients decided four different ways in five rounds; forty decide once per round,
+and sensitivity, the figure the acceptance found furthest short, counts as much as specificity.
+
     python jobs/reference_choice.py best WORK NAME...   # the chosen of WORK/choice/NAME/report.json
     python jobs/reference_choice.py threshold REPORT    # the chosen cut of REPORT's own and its sweep's
+    python jobs/reference_choice.py pooled CV ROUND OUT # ROUND's (fold-K, or final) pooled choice, as JSON
 """
 
 from __future__ import annotations
@@ -15,6 +23,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (the tests, the card)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference_cv import pool  # noqa: E402  (beside this script)
 
 TTA_COST = 0.01  # what flip TTA must gain to be worth three forward passes a slice
 
@@ -53,13 +65,51 @@ def best_threshold(model: dict) -> float:
     return max(rows, key=lambda r: (r["score"], -rows.index(r)))["threshold"]
 
 
+def pooled_score(metrics: dict, tta: bool) -> float:
+    d = metrics["detection"]
+    return metrics["patient_dice_mean"] + d["sensitivity"] + d["specificity"] - TTA_COST * bool(tta)
+
+
+def choose_pooled(grids: dict[str, dict], round_name: str) -> dict:
+    """{round: its grid.json} -> the candidate ROUND takes: the first by `pooled_score` over the
+    other rounds' patients pooled (all of them for a round not among the grids, e.g. the final
+    model), with those pooled figures and the rounds they came from."""
+    others = {name: g for name, g in sorted(grids.items()) if name != round_name}
+    if not others:
+        raise ValueError(f"no grids besides {round_name}'s to choose on")
+    names = [[c["name"] for c in g["candidates"]] for g in others.values()]
+    if any(n != names[0] for n in names):
+        raise ValueError("the rounds' grids hold different candidates: " + ", ".join(others))
+    rows = []
+    for i, name in enumerate(names[0]):
+        pooled = pool({r: g["candidates"][i]["metrics"] for r, g in others.items()})
+        first = next(iter(others.values()))["candidates"][i]
+        rows.append({**{k: first[k] for k in ("name", "stage", "threshold", "postprocess")},
+                     "score": pooled_score(pooled, first["postprocess"]["tta"]),
+                     "patient_dice_mean": pooled["patient_dice_mean"],
+                     "sensitivity": pooled["detection"]["sensitivity"],
+                     "specificity": pooled["detection"]["specificity"]})
+    chosen = max(rows, key=lambda r: (r["score"], -rows.index(r)))
+    return {**chosen, "round": round_name, "chosen_on": sorted(others),
+            "num_patients": sum(len(g["patients"]) for g in others.values()), "candidates": len(rows)}
+
+
+def read_grids(cv: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(cv).glob("fold-*/grid.json"))}
+
+
 def main(argv: list[str]) -> int:
     if len(argv) >= 3 and argv[0] == "best":
         print(best(Path(argv[1]), argv[2:]))
     elif len(argv) == 2 and argv[0] == "threshold":
         print("%g" % best_threshold(json.loads(Path(argv[1]).read_text())["models"][0]))
+    elif len(argv) == 4 and argv[0] == "pooled":
+        chosen = choose_pooled(read_grids(Path(argv[1])), argv[2])
+        Path(argv[3]).write_text(json.dumps(chosen, indent=1))
+        print(f"{argv[2]}: {chosen['name']} (score {chosen['score']:.4f} on {chosen['num_patients']} patients of "
+              f"{', '.join(chosen['chosen_on'])})")
     else:
-        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-2:]), file=sys.stderr)
+        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-3:]), file=sys.stderr)
         return 2
     return 0
 

@@ -12,6 +12,12 @@
 # scores, web check, exported settings and train histories, a few small files. A round found there
 # is restored into WORK instead of run, so rounds run in different sessions or on different
 # machines pool together.
+# CHOICE=pooled chooses each round's stage, threshold and post-processing on the other rounds'
+# test patients instead of its own 5 validation patients: every round first trains and scores the
+# grid of candidates on its test patients (jobs/reference_grid.py: grid.json, recorded), then, once
+# all five grids exist, takes the candidate jobs/reference_choice.py's pooled rule ranks first over
+# the other four rounds' 40 patients, and is exported and scored with it; the final model takes
+# the one ranked first over all 50.
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
@@ -22,10 +28,12 @@ FOLDS=("$@")
 [ ${#FOLDS[@]} -gt 0 ] || FOLDS=(0 1 2 3 4)
 MODEL=${MODEL:-unet-efficientnet-lite2}  # reference_model.sh's default, named here for the records
 RECORDS=${RECORDS:-}
+CHOICE=${CHOICE:-validation}
+case $CHOICE in validation|pooled) ;; *) echo "reference_cv.sh: CHOICE must be validation or pooled, got $CHOICE" >&2; exit 2 ;; esac
 BROWSER=false  # the web check's Chromium
 if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then BROWSER=true; fi
 RECORD=(split.json test-score.json test-exported/report.json test-exported/report.md web-check.json model/model.json
-  stage1/history.json stage2/history.json)
+  stage1/history.json stage2/history.json grid.json chosen.json)
 copy_record() {  # copy_record FROM TO: the record's files that FROM has
   local f
   for f in "${RECORD[@]}"; do
@@ -34,6 +42,17 @@ copy_record() {  # copy_record FROM TO: the record's files that FROM has
 }
 record_model() {  # record_model ROUND: the model name its exported settings hold
   $PYTHON -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"]["name"])' "$1/model/model.json"
+}
+split_of() {  # split_of K: round K's `brainseg split` options
+  echo "--folds $K --test-fold $1 --fractions 0.875,0.125,0 --seed 0"
+}
+finish() {  # finish K: round K's web check, then its record
+  local round=$WORK/fold-$1
+  if [ ! -f "$round/web-check.json" ] && $BROWSER; then
+    $PYTHON "$(dirname "$0")/reference_web_check.py" "$round/test-source" --model "$round/model" \
+      --out "$round/web-check.json"
+  fi
+  [ -z "$RECORDS" ] || copy_record "$round" "$RECORDS/fold-$1"
 }
 for k in "${FOLDS[@]}"; do
   round=$WORK/fold-$k
@@ -51,18 +70,45 @@ for k in "${FOLDS[@]}"; do
     echo "reference_cv.sh: round $k gets no web check: chromium and chromedriver are not on PATH" \
       "(make browser, then rerun the same command to add it)" >&2
   fi
-  [ -f "$round/test-exported/report.json" ] ||  # the round's last step
-    SPLIT="--folds $K --test-fold $k --fractions 0.875,0.125,0 --seed 0" DATASET="$WORK/dataset" PACKAGE=0 \
-      bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
-  if [ ! -f "$round/web-check.json" ] && $BROWSER; then
-    $PYTHON "$(dirname "$0")/reference_web_check.py" "$round/test-source" --model "$round/model" \
-      --out "$round/web-check.json"
+  if [ "$CHOICE" = pooled ]; then  # train and score the grid now; choose once every round has its grid
+    if [ ! -f "$round/test-exported/report.json" ] && [ ! -f "$round/grid.json" ]; then
+      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
+      $PYTHON "$(dirname "$0")/reference_grid.py" "$round" --data "$WORK/dataset"
+      [ -z "$RECORDS" ] || copy_record "$round" "$record"
+    fi
+    continue
   fi
-  [ -z "$RECORDS" ] || copy_record "$round" "$record"
+  [ -f "$round/test-exported/report.json" ] ||  # the round's last step
+    SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
+  finish "$k"
 done
+if [ "$CHOICE" = pooled ]; then
+  for k in $(seq 0 $((K - 1))); do
+    if [ ! -f "$WORK/fold-$k/grid.json" ]; then
+      echo "reference_cv.sh: the rounds choose once all $K have a grid; round $k has none yet (rerun with it)"
+      exit 0
+    fi
+  done
+  for k in "${FOLDS[@]}"; do
+    round=$WORK/fold-$k
+    if [ ! -f "$round/test-exported/report.json" ]; then
+      $PYTHON "$(dirname "$0")/reference_choice.py" pooled "$WORK" "fold-$k" "$round/chosen.json"
+      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 CHOICE="$round/chosen.json" \
+        bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
+    fi
+    finish "$k"
+  done
+fi
 $PYTHON "$(dirname "$0")/reference_cv.py" "$WORK"
 for k in $(seq 0 $((K - 1))); do
   [ -f "$WORK/fold-$k/test-exported/report.json" ] || exit 0  # the final model only after every round
 done
-SPLIT="--folds $K --fractions 0.9,0.1,0 --seed 0" DATASET="$WORK/dataset" CV="$WORK" \
-  bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
+FINAL_SPLIT="--folds $K --fractions 0.9,0.1,0 --seed 0"
+if [ "$CHOICE" = pooled ]; then
+  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
+  $PYTHON "$(dirname "$0")/reference_choice.py" pooled "$WORK" final "$WORK/final/chosen.json"
+  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" CV="$WORK" CHOICE="$WORK/final/chosen.json" \
+    bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
+else
+  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" CV="$WORK" bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
+fi

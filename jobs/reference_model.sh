@@ -17,6 +17,9 @@
 #   TRAIN_EXTRA  key=value settings added to both training stages (a smoke run's short schedule)
 #   MODEL      unet-efficientnet-lite2 (the shipped one's), -lite0 or -lite1: the encoders whose ImageNet
 #              start is an installed wheel, which the card (jobs/reference_card.py) describes
+#   TRAIN_ONLY=1  stop after the two train stages (jobs/reference_cv.sh's pooled choice grids them first)
+#   CHOICE     a chosen candidate (`jobs/reference_choice.py pooled`'s JSON): its stage, threshold and
+#              post-processing instead of the choice on the validation patients
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference}
@@ -35,6 +38,8 @@ SPLIT=${SPLIT:---fractions 0.6,0.1,0.3 --folds 5 --seed 0}
 DATASET=${DATASET:-$WORK/dataset}
 PACKAGE=${PACKAGE:-1}
 CV=${CV:-}
+TRAIN_ONLY=${TRAIN_ONLY:-0}
+CHOICE=${CHOICE:-}
 read -r -a TRAIN_EXTRA <<< "${TRAIN_EXTRA:-}"
 
 [ -f "$DATASET/manifest.json" ] || $BRAINSEG ingest "$DATA" --out "$DATASET"
@@ -60,58 +65,73 @@ train() {  # train RUN [key=value ...]: one stage; rerunning resumes it from its
 train stage1 crop_size=128 foreground_fraction=0.5 steps=8000 eval_every_steps=500 lr=0.001
 # Stage 2: 300 steps on whole 256 px slices at a fifth of the peak, from stage 1's model.
 train stage2 steps=300 eval_every_steps=100 lr=0.0002 warmup_fraction=0.1 "init_from=$WORK/stage1/model"
+[ "$TRAIN_ONLY" = 0 ] || exit 0
 
-score() {  # score OUT SPLIT --model M [key=value ...]: brainseg evaluate on SPLIT's patients
-  local out=$1 split=$2; shift 2
-  $BRAINSEG evaluate --data "$DATASET" --split-file "$WORK/split.json" --split "$split" \
-    --out "$WORK/choice/$out" "threshold=$THRESHOLD" precision=fp32 worst_slices=0 "$@"
-}
-best() {  # best NAME...: of the reports under choice/, the one jobs/reference_choice.py's rule
-  # (patient Dice + detection specificity, less a little for flip TTA) ranks first
-  $PYTHON "$JOBS/reference_choice.py" best "$WORK" "$@"
-}
-RAW=(min_component_px=0 min_component_peak=0 largest_component_3d=false keep_3d_fraction=1 tta=false)
-
-# The stage: stage 2 only if it scores better on validation, without post-processing.
-score stage1 val --model "$WORK/stage1/model" "${RAW[@]}"
-score stage2 val --model "$WORK/stage2/model" "${RAW[@]}"
-STAGE=$(best stage1 stage2)
-FINAL=$WORK/$STAGE/model
-
-# Post-processing, in two steps. First what works on one slice (Serve applies only this part),
-# then, on top of the winner, the per-patient 3-D step of the bulk job.
-declare -A OPTIONS=(
-  [none]=""
-  [peak90]="min_component_peak=0.9"
-  [px64]="min_component_px=64"
-  [tta]="tta=true"
-  [tta-peak90]="tta=true min_component_peak=0.9"
-)
-for name in none peak90 px64 tta tta-peak90; do
-  # shellcheck disable=SC2086  # the options are words on purpose
-  score "2d-$name" val --model "$FINAL" "${RAW[@]}" ${OPTIONS[$name]} "thresholds=[$THRESHOLDS]"
-done
-PLANE=$(best 2d-none 2d-peak90 2d-px64 2d-tta 2d-tta-peak90)
-PLANE_OPTIONS=${OPTIONS[${PLANE#2d-}]}
-# The threshold, by the same rule, from the winner's predictions cut at each of THRESHOLDS (its
-# report's sweep, one pass); one slice at a time, so the specificity is what Serve shows.
-THRESHOLD=$($PYTHON "$JOBS/reference_choice.py" threshold "$WORK/choice/$PLANE/report.json")
-# Then the per-patient 3-D step on top, all at that threshold.
-# shellcheck disable=SC2086
-score 2d-threshold val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS
-# shellcheck disable=SC2086
-score 3d-largest val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true
-# shellcheck disable=SC2086
-score 3d-fifth val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true keep_3d_fraction=0.2
-VOLUME=$(best 2d-threshold 3d-largest 3d-fifth)
-# The chosen options as export flags.
-FLAGS=$($PYTHON -c 'import json, sys
-p = json.load(open(sys.argv[1] + "/choice/" + sys.argv[2] + "/report.json"))["models"][0]["postprocess"]
+flags() {  # flags JSON KEY...: the post-processing at JSON's KEY path, as export flags
+  $PYTHON -c 'import json, sys
+p = json.load(open(sys.argv[1]))
+for key in sys.argv[2:]:
+    p = p[int(key) if key.isdigit() else key]
 print("--min-component-px %d --min-component-peak %g %s --keep-3d-fraction %g %s" % (
     p["min_component_px"], p["min_component_peak"],
     "--largest-component-3d" if p["largest_component_3d"] else "--no-largest-component-3d",
-    p["keep_3d_fraction"], "--tta" if p["tta"] else "--no-tta"))' "$WORK" "$VOLUME")
-echo "chosen: $STAGE, $PLANE, threshold $THRESHOLD, $VOLUME -> $FLAGS"
+    p["keep_3d_fraction"], "--tta" if p["tta"] else "--no-tta"))' "$@"
+}
+if [ -n "$CHOICE" ]; then  # chosen elsewhere (the pooled choice): its stage, threshold and post-processing
+  read -r STAGE THRESHOLD < <($PYTHON -c 'import json, sys
+c = json.load(open(sys.argv[1])); print(c["stage"], "%g" % c["threshold"])' "$CHOICE")
+  FINAL=$WORK/$STAGE/model
+  FLAGS=$(flags "$CHOICE" postprocess)
+  echo "chosen ($CHOICE): $STAGE, threshold $THRESHOLD"
+else
+  score() {  # score OUT SPLIT --model M [key=value ...]: brainseg evaluate on SPLIT's patients
+    local out=$1 split=$2; shift 2
+    $BRAINSEG evaluate --data "$DATASET" --split-file "$WORK/split.json" --split "$split" \
+      --out "$WORK/choice/$out" "threshold=$THRESHOLD" precision=fp32 worst_slices=0 "$@"
+  }
+  best() {  # best NAME...: of the reports under choice/, the one jobs/reference_choice.py's rule
+    # (patient Dice + detection specificity, less a little for flip TTA) ranks first
+    $PYTHON "$JOBS/reference_choice.py" best "$WORK" "$@"
+  }
+  RAW=(min_component_px=0 min_component_peak=0 largest_component_3d=false keep_3d_fraction=1 tta=false)
+
+  # The stage: stage 2 only if it scores better on validation, without post-processing.
+  score stage1 val --model "$WORK/stage1/model" "${RAW[@]}"
+  score stage2 val --model "$WORK/stage2/model" "${RAW[@]}"
+  STAGE=$(best stage1 stage2)
+  FINAL=$WORK/$STAGE/model
+
+  # Post-processing, in two steps. First what works on one slice (Serve applies only this part),
+  # then, on top of the winner, the per-patient 3-D step of the bulk job.
+  declare -A OPTIONS=(
+    [none]=""
+    [peak90]="min_component_peak=0.9"
+    [px64]="min_component_px=64"
+    [tta]="tta=true"
+    [tta-peak90]="tta=true min_component_peak=0.9"
+  )
+  for name in none peak90 px64 tta tta-peak90; do
+    # shellcheck disable=SC2086  # the options are words on purpose
+    score "2d-$name" val --model "$FINAL" "${RAW[@]}" ${OPTIONS[$name]} "thresholds=[$THRESHOLDS]"
+  done
+  PLANE=$(best 2d-none 2d-peak90 2d-px64 2d-tta 2d-tta-peak90)
+  PLANE_OPTIONS=${OPTIONS[${PLANE#2d-}]}
+  # The threshold, by the same rule, from the winner's predictions cut at each of THRESHOLDS (its
+  # report's sweep, one pass); one slice at a time, so the specificity is what Serve shows.
+  THRESHOLD=$($PYTHON "$JOBS/reference_choice.py" threshold "$WORK/choice/$PLANE/report.json")
+  # Then the per-patient 3-D step on top, all at that threshold.
+  # shellcheck disable=SC2086
+  score 2d-threshold val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS
+  # shellcheck disable=SC2086
+  score 3d-largest val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true
+  # shellcheck disable=SC2086
+  score 3d-fifth val --model "$FINAL" "${RAW[@]}" $PLANE_OPTIONS largest_component_3d=true keep_3d_fraction=0.2
+  VOLUME=$(best 2d-threshold 3d-largest 3d-fifth)
+  POSTPROCESS=$WORK/choice/$VOLUME/report.json
+  echo "chosen: $STAGE, $PLANE, threshold $THRESHOLD, $VOLUME"
+  FLAGS=$(flags "$POSTPROCESS" models 0 postprocess)
+fi
+echo "export flags: $FLAGS"
 # shellcheck disable=SC2086
 $BRAINSEG export "$FINAL" --out "$WORK/model" --half --threshold $THRESHOLD $FLAGS
 

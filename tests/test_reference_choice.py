@@ -91,3 +91,67 @@ def test_the_rebuild_script_refuses_a_model_its_card_cannot_describe(tmp_path):
     assert run.stderr.strip() == ("reference_model.sh: MODEL must be unet-efficientnet-lite0, -lite1 or -lite2, "
                                   "got unet-resnet34")
     assert not (tmp_path / "work").exists()
+
+
+def _candidate(name: str, dice: dict[str, float], detection: tuple[int, int, int, int], tta: bool = False) -> dict:
+    """One candidate of a jobs/reference_grid.py grid, with the metric fields the pooling reads."""
+    return {"name": name, "stage": "stage1", "threshold": 0.5, "postprocess": {"tta": tta},
+            "metrics": {"patient_dice": dice, "detection": dict(zip(("tp", "fp", "fn", "tn"), detection)),
+                        "pixel": dict.fromkeys(("tp", "fp", "fn", "tn"), 1), "num_slices": sum(detection),
+                        "num_tumour_slices": 1, "slice_dice_mean": 0.5}}
+
+
+def _grid(*candidates: dict) -> dict:
+    return {"patients": sorted(candidates[0]["metrics"]["patient_dice"]), "candidates": list(candidates)}
+
+
+GRIDS = {  # on each round's own patients; "b" is better on fold-0's, "a" on the others pooled
+    "fold-0": _grid(_candidate("a", {"p0": 0.2}, (1, 5, 4, 5)), _candidate("b", {"p0": 0.9}, (5, 0, 0, 10))),
+    "fold-1": _grid(_candidate("a", {"p1": 0.8, "p2": 0.8}, (9, 1, 1, 9)),
+                    _candidate("b", {"p1": 0.7, "p2": 0.7}, (6, 0, 4, 10))),
+    "fold-2": _grid(_candidate("a", {"p3": 0.9}, (10, 0, 0, 10)), _candidate("b", {"p3": 0.85}, (8, 1, 2, 9))),
+}
+
+
+def test_a_round_chooses_on_the_other_rounds_patients_pooled_never_its_own():
+    chosen = reference_choice.choose_pooled(GRIDS, "fold-0")
+    assert chosen["name"] == "a" and chosen["chosen_on"] == ["fold-1", "fold-2"] and chosen["num_patients"] == 3
+    # Dice over patients, detection from summed counts (19 of 20 tumour slices, 19 of 20 free ones).
+    assert chosen["patient_dice_mean"] == pytest.approx((0.8 + 0.8 + 0.9) / 3)
+    assert chosen["sensitivity"] == pytest.approx(19 / 20) and chosen["specificity"] == pytest.approx(19 / 20)
+    assert chosen["score"] == pytest.approx(chosen["patient_dice_mean"] + 19 / 20 + 19 / 20)
+    assert reference_choice.choose_pooled(GRIDS, "fold-1")["name"] == "b"  # fold-0's patients swing it
+    final = reference_choice.choose_pooled(GRIDS, "final")  # a round without a grid: every round's patients
+    assert final["chosen_on"] == ["fold-0", "fold-1", "fold-2"] and final["num_patients"] == 4
+
+
+@pytest.mark.parametrize(("second", "chosen"), [
+    (_candidate("tta", {"p": 0.805}, (9, 1, 1, 9), tta=True), "plain"),  # gains less than its cost
+    (_candidate("tta", {"p": 0.82}, (9, 1, 1, 9), tta=True), "tta"),
+    (_candidate("twin", {"p": 0.8}, (9, 1, 1, 9)), "plain"),  # a tie goes to the earlier, simpler one
+    (_candidate("sensitive", {"p": 0.8}, (10, 1, 0, 9)), "sensitive"),  # sensitivity counts too
+])
+def test_the_pooled_rule_weighs_sensitivity_and_the_tta_cost(second, chosen):
+    grids = {"fold-1": _grid(_candidate("plain", {"p": 0.8}, (9, 1, 1, 9)), second)}
+    assert reference_choice.choose_pooled(grids, "fold-0")["name"] == chosen
+
+
+def test_grids_of_different_candidates_or_none_to_choose_on_are_refused():
+    other = {"fold-1": GRIDS["fold-1"], "fold-2": _grid(GRIDS["fold-2"]["candidates"][0])}
+    with pytest.raises(ValueError, match="different candidates"):
+        reference_choice.choose_pooled(other, "fold-0")
+    with pytest.raises(ValueError, match="no grids besides fold-0"):
+        reference_choice.choose_pooled({"fold-0": GRIDS["fold-0"]}, "fold-0")
+
+
+def test_the_pooled_command_writes_the_choice_the_rebuild_script_reads(tmp_path):
+    for name, grid in GRIDS.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "grid.json").write_text(json.dumps(grid))
+    out = tmp_path / "fold-0" / "chosen.json"
+    done = subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "pooled", str(tmp_path), "fold-0",
+                           str(out)], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("fold-0: a (score ") and "on 3 patients of fold-1, fold-2" in done.stdout
+    chosen = json.loads(out.read_text())
+    assert chosen == reference_choice.choose_pooled(GRIDS, "fold-0")
+    assert {"stage", "threshold", "postprocess"} <= set(chosen)

@@ -162,3 +162,136 @@ def test_a_round_without_chromium_is_warned_of_before_it_runs(tmp_path):
         "(make browser, then rerun the same command to add it)"]
     assert not (work / "fold-1" / "web-check.json").exists()
     assert json.loads((work / "cv-score.json").read_text())["segment"]["num_patients"] == 2
+
+
+STUB_BRAINSEG = r'''#!PYTHON
+"""A stand-in for the brainseg CLI that records each call and writes the files the scripts read:
+what jobs/reference_cv.sh CHOICE=pooled does in which order, without hours of training."""
+import json, os, sys
+from pathlib import Path
+
+cmd, args = sys.argv[1], sys.argv[2:]
+opt = lambda name: args[args.index(name) + 1] if name in args else None
+with open(os.environ["STUB_LOG"], "a") as log:
+    log.write(json.dumps([cmd, *args]) + "\n")
+def metrics(patients):
+    return {"patient_dice": {p: 0.5 for p in patients}, "detection": {"tp": 1, "fp": 0, "fn": 0, "tn": 1},
+            "pixel": {"tp": 1, "fp": 0, "fn": 0, "tn": 1}, "num_slices": 2, "num_tumour_slices": 1,
+            "slice_dice_mean": 0.5}
+if cmd == "split":
+    k = int(opt("--test-fold"))
+    Path(opt("--out")).parent.mkdir(parents=True, exist_ok=True)
+    Path(opt("--out")).write_text(json.dumps({"splits": {f"p{i}": "test" if i == k else "train" for i in range(5)}}))
+elif cmd == "train":
+    (Path(opt("--out")) / "model").mkdir(parents=True, exist_ok=True)
+    (Path(opt("--out")) / "model" / "model.json").write_text("{}")
+elif cmd == "export":
+    Path(opt("--out")).mkdir(parents=True, exist_ok=True)
+    (Path(opt("--out")) / "model.json").write_text(json.dumps({"model": {"name": os.environ["MODEL"]}}))
+elif cmd == "evaluate":
+    splits = json.loads(Path(opt("--split-file")).read_text())["splits"]
+    Path(opt("--out")).mkdir(parents=True, exist_ok=True)
+    patients = [p for p, s in splits.items() if s == opt("--split")]
+    (Path(opt("--out")) / "report.json").write_text(json.dumps({"models": [{"metrics": metrics(patients)}]}))
+elif cmd == "segment":
+    Path(opt("--output")).mkdir(parents=True, exist_ok=True)
+elif cmd == "score":
+    patients = sorted(p.name for p in (Path(opt("--truth")) / "kaggle_3m").iterdir())
+    Path(opt("--out")).write_text(json.dumps({"metrics": metrics(patients)}))
+'''
+
+
+def _grid_of(patient: str, best: str, dice: tuple[float, float] = (0.9, 0.4)) -> dict:
+    """A round's grid of two candidates, `best` the better on its patient (Dice: best's, the other's)."""
+    def candidate(name: str, threshold: float, px: int) -> dict:
+        m = _metrics({patient: dice[0] if name == best else dice[1]}, (1, 0, 0, 1), (1, 0, 0, 1))
+        return {"name": name, "stage": "stage2" if name == "late" else "stage1", "threshold": threshold,
+                "postprocess": {"min_component_px": px, "min_component_peak": 0.0, "largest_component_3d": True,
+                                "keep_3d_fraction": 1.0, "tta": False}, "metrics": m}
+    return {"patients": [patient], "candidates": [candidate("early", 0.5, 0), candidate("late", 0.3, 64)]}
+
+
+@pytest.fixture
+def pooled_run(tmp_path):
+    """A WORK whose five rounds trained and scored their grids (rounds 0-2 favour `late`, 3-4
+    `early`, round 4 strongly), a stub brainseg on a PATH without a browser, and the data folder's
+    patients."""
+    work, bin_dir, data = tmp_path / "work", tmp_path / "bin", tmp_path / "data"
+    bin_dir.mkdir()
+    for tool in ("bash", "cp", "mkdir", "dirname", "seq", "find", "head", "ln", "cat"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "brainseg").write_text(STUB_BRAINSEG.replace("PYTHON", sys.executable))
+    (bin_dir / "brainseg").chmod(0o755)
+    (work / "dataset").mkdir(parents=True)
+    (work / "dataset" / "manifest.json").write_text("{}")
+    for k in range(5):
+        (data / "kaggle_3m" / f"p{k}").mkdir(parents=True)
+        for stage in ("stage1", "stage2"):
+            (work / f"fold-{k}" / stage / "model").mkdir(parents=True)
+            (work / f"fold-{k}" / stage / "model" / "model.json").write_text("{}")
+        (work / f"fold-{k}" / "grid.json").write_text(json.dumps(
+            _grid_of(f"p{k}", "late" if k < 3 else "early", (0.95, 0.1) if k == 4 else (0.9, 0.4))))
+
+    def run(*folds: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "PATH": str(bin_dir), "MODEL": "unet-efficientnet-lite2", "CHOICE": "pooled",
+               "RECORDS": str(tmp_path / "records"), "PYTHON": sys.executable, "STUB_LOG": str(tmp_path / "log")}
+        return subprocess.run(["bash", str(SCRIPT.with_suffix(".sh")), str(data), str(work), *folds],
+                              env=env, capture_output=True, text=True, timeout=120)
+    return run, work, tmp_path
+
+
+def _calls(tmp_path: Path) -> list[list[str]]:
+    return [json.loads(line) for line in (tmp_path / "log").read_text().splitlines()]
+
+
+def test_pooled_rounds_choose_on_the_others_grids_then_export_and_score_with_it(pooled_run):
+    run, work, tmp_path = pooled_run
+    done = run("0", "3")
+    assert done.returncode == 0, done.stderr
+    # Each round's own patient favours the other candidate: the other rounds' patients outvote it
+    # (round 0: late scores 0.9 + 0.9 + 0.4 + 0.1 there, early 0.4 + 0.4 + 0.9 + 0.95).
+    for k, expected in ((0, "early"), (3, "late")):
+        chosen = json.loads((work / f"fold-{k}" / "chosen.json").read_text())
+        assert chosen["name"] == expected and f"fold-{k}" not in chosen["chosen_on"] and len(chosen["chosen_on"]) == 4
+        assert (tmp_path / "records" / f"fold-{k}" / "chosen.json").read_text() == \
+            (work / f"fold-{k}" / "chosen.json").read_text()
+        assert (tmp_path / "records" / f"fold-{k}" / "test-exported" / "report.json").is_file()
+    exports = [c for c in _calls(tmp_path) if c[0] == "export"]
+    assert [c[1] for c in exports] == [str(work / "fold-0" / "stage1" / "model"), str(work / "fold-3" / "stage2" / "model")]
+    assert exports[0][exports[0].index("--threshold") + 1] == "0.5"
+    assert exports[1][exports[1].index("--threshold") + 1] == "0.3"
+    assert exports[1][exports[1].index("--min-component-px") + 1] == "64" and "--largest-component-3d" in exports[1]
+    calls = _calls(tmp_path)
+    assert not [c for c in calls if c[0] == "train"]  # trained rounds are not trained again
+    assert not [c for c in calls if c[0] == "evaluate" and "--split" in c and c[c.index("--split") + 1] == "val"
+                and "choice" in c[c.index("--out") + 1]]  # no validation choice
+    pooled = json.loads((work / "cv-score.json").read_text())["segment"]
+    assert pooled["rounds"] == ["fold-0", "fold-3"] and sorted(pooled["patient_dice"]) == ["p0", "p3"]
+    assert not (work / "final").exists()  # the final model waits for all five rounds
+
+
+def test_pooled_rounds_wait_for_every_rounds_grid(pooled_run):
+    run, work, tmp_path = pooled_run
+    (work / "fold-4" / "grid.json").unlink()
+    shutil.rmtree(work / "fold-4" / "stage2")  # round 4 is still training: "1" only grids round 1
+    done = run("1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == \
+        "reference_cv.sh: the rounds choose once all 5 have a grid; round 4 has none yet (rerun with it)"
+    assert not (work / "fold-1" / "chosen.json").exists() and not (tmp_path / "log").exists()
+    assert not (work / "cv-score.json").exists()
+
+
+def test_train_only_stops_after_the_two_stages(pooled_run):
+    run, work, tmp_path = pooled_run
+    env = {**os.environ, "PATH": str(tmp_path / "bin"), "PYTHON": sys.executable, "STUB_LOG": str(tmp_path / "log"),
+           "MODEL": "unet-efficientnet-lite2", "TRAIN_ONLY": "1", "DATASET": str(work / "dataset"),
+           "SPLIT": "--folds 5 --test-fold 2 --fractions 0.875,0.125,0 --seed 0"}
+    done = subprocess.run(["bash", str(SCRIPT.parent / "reference_model.sh"), str(tmp_path / "data"),
+                           str(tmp_path / "new-round")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = _calls(tmp_path)
+    assert [c[0] for c in calls] == ["split", "train", "train"]
+    assert calls[1][calls[1].index("--out") + 1] == str(tmp_path / "new-round" / "stage1")
+    assert f"init_from={tmp_path / 'new-round' / 'stage1' / 'model'}" in calls[2]
+    assert not (tmp_path / "new-round" / "model").exists()  # nothing chosen, nothing exported
