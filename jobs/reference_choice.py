@@ -70,10 +70,10 @@ def pooled_score(metrics: dict, tta: bool) -> float:
     return metrics["patient_dice_mean"] + d["sensitivity"] + d["specificity"] - TTA_COST * bool(tta)
 
 
-def choose_pooled(grids: dict[str, dict], round_name: str) -> dict:
-    """{round: its grid.json} -> the candidate ROUND takes: the first by `pooled_score` over the
-    other rounds' patients pooled (all of them for a round not among the grids, e.g. the final
-    model), with those pooled figures and the rounds they came from."""
+def rank_pooled(grids: dict[str, dict], round_name: str) -> tuple[list[dict], dict[str, dict]]:
+    """{round: its grid.json} -> every candidate with its figures pooled over the other rounds'
+    patients (all of them for a round not among the grids, e.g. the final model), best first by
+    `pooled_score` (a tie: grid order), and those other rounds' grids."""
     others = {name: g for name, g in sorted(grids.items()) if name != round_name}
     if not others:
         raise ValueError(f"no grids besides {round_name}'s to choose on")
@@ -89,9 +89,17 @@ def choose_pooled(grids: dict[str, dict], round_name: str) -> dict:
                      "patient_dice_mean": pooled["patient_dice_mean"],
                      "sensitivity": pooled["detection"]["sensitivity"],
                      "specificity": pooled["detection"]["specificity"]})
-    chosen = max(rows, key=lambda r: (r["score"], -rows.index(r)))
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["score"], i))
+    return [rows[i] for i in order], others
+
+
+def choose_pooled(grids: dict[str, dict], round_name: str) -> dict:
+    """The candidate ROUND takes (the first of `rank_pooled`), with its pooled figures and the
+    rounds they came from."""
+    ranked, others = rank_pooled(grids, round_name)
+    chosen = ranked[0]
     return {**chosen, "round": round_name, "chosen_on": sorted(others),
-            "num_patients": sum(len(g["patients"]) for g in others.values()), "candidates": len(rows)}
+            "num_patients": sum(len(g["patients"]) for g in others.values()), "candidates": len(ranked)}
 
 
 def read_grids(cv: Path) -> dict[str, dict]:

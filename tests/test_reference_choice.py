@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-spec = importlib.util.spec_from_file_location("reference_choice", JOBS / "reference_choice.py")
-reference_choice = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference_choice)
+reference_choice = load_script(JOBS / "reference_choice.py")
 
 
 def _model(dice: float, specificity: float, tta: bool = False, threshold: float = 0.5,
@@ -155,3 +154,22 @@ def test_the_pooled_command_writes_the_choice_the_rebuild_script_reads(tmp_path)
     chosen = json.loads(out.read_text())
     assert chosen == reference_choice.choose_pooled(GRIDS, "fold-0")
     assert {"stage", "threshold", "postprocess"} <= set(chosen)
+
+
+def test_the_card_lists_the_pooled_ranking_the_rule_made_and_marks_its_choice():
+    reference_card = load_script(JOBS / "reference_card.py")
+    ranked, _ = reference_choice.rank_pooled(GRIDS, "final")
+    chosen = reference_choice.choose_pooled(GRIDS, "final")
+    text = reference_card._pooled_choice_section(ranked, chosen)
+    rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert rows == [
+        f"| 1 | {ranked[0]['name']} | {ranked[0]['patient_dice_mean']:.4f} | {ranked[0]['sensitivity']:.4f} | "
+        f"{ranked[0]['specificity']:.4f} | {ranked[0]['score']:.4f} | chosen |",
+        f"| 2 | {ranked[1]['name']} | {ranked[1]['patient_dice_mean']:.4f} | {ranked[1]['sensitivity']:.4f} | "
+        f"{ranked[1]['specificity']:.4f} | {ranked[1]['score']:.4f} |  |"]
+    assert ranked[0]["score"] >= ranked[1]["score"] and ranked[0]["name"] == chosen["name"]
+    assert "over the 4 patients of\nfold-0, fold-1, fold-2" in text and "of 2 candidates" in text
+    limit = reference_card._choice_limit({Path("fold-0"): ("stage 1", {"threshold": 0.5, "postprocess": {}}),
+                                          Path("fold-1"): ("stage 1", {"threshold": 0.3, "postprocess": {}})}, 5, chosen)
+    assert limit.startswith("- The 2 rounds, each choosing on the other rounds' test patients, made 2 different")
+    assert "made on all 4 patients" in limit
