@@ -3,8 +3,10 @@ loopback, synthetic data in the kaggle_3m layout, and the shared real data when 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 import uuid
 from pathlib import Path
 
@@ -164,3 +166,17 @@ def shared_subset(shared_root, tmp_path_factory) -> Path:
         (root / patient.name).symlink_to(patient, target_is_directory=True)
     (root / "data.csv").symlink_to(shared_root / "data.csv")
     return root
+
+
+def load_script(path: Path):
+    """A script of jobs/ or docs/ (folders that are no package), imported from its path once and
+    kept in sys.modules under its name, its folder on sys.path for the scripts beside it it imports."""
+    path = Path(path).resolve()
+    if path.stem not in sys.modules:
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # before it runs: a dataclass looks its module up there
+        spec.loader.exec_module(module)
+    return sys.modules[path.stem]

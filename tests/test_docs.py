@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -24,13 +25,7 @@ README_MAX_LINES = 200
 
 def _generator():
     """docs/generate_configuration.py, imported from its path (docs/ is no package)."""
-    name = "generate_configuration"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, DOCS / "generate_configuration.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # before it runs: its dataclass looks its module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(DOCS / "generate_configuration.py")
 
 
 def test_configuration_md_is_what_the_generator_writes():

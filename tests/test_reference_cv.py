@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "jobs" / "reference_cv.py"
-spec = importlib.util.spec_from_file_location("reference_cv", SCRIPT)
-reference_cv = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference_cv)
+reference_cv = load_script(SCRIPT)
 
 
 def _metrics(dice: dict[str, float], detection: tuple[int, int, int, int], pixel: tuple[int, int, int, int],

@@ -3,7 +3,6 @@ pooled choice's evidence; each candidate's figures are `brainseg evaluate`'s at 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_artifact
+from conftest import load_script, tiny_artifact
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-spec = importlib.util.spec_from_file_location("reference_grid", JOBS / "reference_grid.py")
-reference_grid = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reference_grid)
+reference_grid = load_script(JOBS / "reference_grid.py")
 
 
 def test_the_candidates_are_every_combination_once_simplest_first():

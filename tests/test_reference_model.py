@@ -10,6 +10,7 @@ import statistics
 import pytest
 
 from brainseg_ray.models.reference import REFERENCE_DIR, reference_model
+from conftest import load_script
 
 pytestmark = pytest.mark.skipif(reference_model() is None, reason=f"no reference model shipped at {REFERENCE_DIR}")
 
@@ -116,14 +117,10 @@ def test_evaluate_reproduces_the_cards_validation_figures(shared_root, ray_local
 
 def _records_of_shipped_model():
     """The cross-validation records (docs/reference-cv/MODEL) of the shipped model's recipe."""
-    import importlib.util
-
     from brainseg_ray.models.artifact import load_artifact
 
     root = REFERENCE_DIR.parents[1]
-    spec = importlib.util.spec_from_file_location("reference_cv", root / "jobs" / "reference_cv.py")
-    reference_cv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference_cv)
+    reference_cv = load_script(root / "jobs" / "reference_cv.py")
     name = load_artifact("reference").metadata["model"]["name"]
     return reference_cv, sorted((root / "docs" / "reference-cv" / name).glob("fold-*"))
 
