@@ -3,7 +3,7 @@ pooled choice of jobs/reference_cv.sh (CHOICE=pooled): each round's grid is the 
 evidence the other rounds choose on (jobs/reference_choice.py `pooled`).
 
 The candidates are every combination of the training stage, flip TTA, a one-slice step, the
-threshold and a per-patient 3-D step (GRID below). One forward pass per stage and TTA setting
+threshold and a per-patient 3-D step (the constants below). One forward pass per stage and TTA setting
 gives the probabilities; each candidate's masks are the Segmenter's post-processing of them, so a
 candidate's figures are what `brainseg evaluate` gives at the same settings. Writes WORK/grid.json:
 the patients, then per candidate its settings and its metrics (`brainseg evaluate`'s keys).
