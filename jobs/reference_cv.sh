@@ -23,6 +23,7 @@ DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
 shift $(( $# < 2 ? $# : 2 ))
 PYTHON=${PYTHON:-python3}
+JOBS=$(dirname "$0")
 K=5
 FOLDS=("$@")
 [ ${#FOLDS[@]} -gt 0 ] || FOLDS=(0 1 2 3 4)
@@ -49,7 +50,7 @@ split_of() {  # split_of K: round K's `brainseg split` options
 finish() {  # finish K: round K's web check, then its record
   local round=$WORK/fold-$1
   if [ ! -f "$round/web-check.json" ] && $BROWSER; then
-    $PYTHON "$(dirname "$0")/reference_web_check.py" "$round/test-source" --model "$round/model" \
+    $PYTHON "$JOBS/reference_web_check.py" "$round/test-source" --model "$round/model" \
       --out "$round/web-check.json"
   fi
   [ -z "$RECORDS" ] || copy_record "$round" "$RECORDS/fold-$1"
@@ -72,14 +73,14 @@ for k in "${FOLDS[@]}"; do
   fi
   if [ "$CHOICE" = pooled ]; then  # train and score the grid now; choose once every round has its grid
     if [ ! -f "$round/test-exported/report.json" ] && [ ! -f "$round/grid.json" ]; then
-      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
-      $PYTHON "$(dirname "$0")/reference_grid.py" "$round" --data "$WORK/dataset"
+      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$JOBS/reference_model.sh" "$DATA" "$round"
+      $PYTHON "$JOBS/reference_grid.py" "$round" --data "$WORK/dataset"
       [ -z "$RECORDS" ] || copy_record "$round" "$record"
     fi
     continue
   fi
   [ -f "$round/test-exported/report.json" ] ||  # the round's last step
-    SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
+    SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 bash "$JOBS/reference_model.sh" "$DATA" "$round"
   finish "$k"
 done
 if [ "$CHOICE" = pooled ]; then
@@ -92,23 +93,22 @@ if [ "$CHOICE" = pooled ]; then
   for k in "${FOLDS[@]}"; do
     round=$WORK/fold-$k
     if [ ! -f "$round/test-exported/report.json" ]; then
-      $PYTHON "$(dirname "$0")/reference_choice.py" pooled "$WORK" "fold-$k" "$round/chosen.json"
+      $PYTHON "$JOBS/reference_choice.py" pooled "$WORK" "fold-$k" "$round/chosen.json"
       SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 CHOICE="$round/chosen.json" \
-        bash "$(dirname "$0")/reference_model.sh" "$DATA" "$round"
+        bash "$JOBS/reference_model.sh" "$DATA" "$round"
     fi
     finish "$k"
   done
 fi
-$PYTHON "$(dirname "$0")/reference_cv.py" "$WORK"
+$PYTHON "$JOBS/reference_cv.py" "$WORK"
 for k in $(seq 0 $((K - 1))); do
   [ -f "$WORK/fold-$k/test-exported/report.json" ] || exit 0  # the final model only after every round
 done
-FINAL_SPLIT="--folds $K --fractions 0.9,0.1,0 --seed 0"
+FINAL_CHOICE=  # the pooled choice needs no training of the final model's own: made before it
 if [ "$CHOICE" = pooled ]; then
-  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
-  $PYTHON "$(dirname "$0")/reference_choice.py" pooled "$WORK" final "$WORK/final/chosen.json"
-  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" CV="$WORK" CHOICE="$WORK/final/chosen.json" \
-    bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
-else
-  SPLIT=$FINAL_SPLIT DATASET="$WORK/dataset" CV="$WORK" bash "$(dirname "$0")/reference_model.sh" "$DATA" "$WORK/final"
+  mkdir -p "$WORK/final"
+  FINAL_CHOICE=$WORK/final/chosen.json
+  $PYTHON "$JOBS/reference_choice.py" pooled "$WORK" final "$FINAL_CHOICE"
 fi
+SPLIT="--folds $K --fractions 0.9,0.1,0 --seed 0" DATASET="$WORK/dataset" CV="$WORK" CHOICE="$FINAL_CHOICE" \
+  bash "$JOBS/reference_model.sh" "$DATA" "$WORK/final"

@@ -14,15 +14,12 @@ the patients, then per candidate its settings and its metrics (`brainseg evaluat
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 STAGES = ("stage1", "stage2")
 TTA = (False, True)
@@ -34,7 +31,7 @@ OFF = {"min_component_px": 0, "min_component_peak": 0.0, "largest_component_3d":
 
 
 def candidates() -> list[dict]:
-    """Every candidate in GRID order, the simplest first (ties go to the earlier one)."""
+    """Every candidate, in the order of the constants above: the simplest first (ties go to the earlier one)."""
     rows = []
     for stage, tta, plane, threshold, volume in itertools.product(STAGES, TTA, PLANE, THRESHOLDS, VOLUME):
         name = f"{stage} {'tta-' if tta else ''}{plane} {threshold:g} 3d-{volume}"
@@ -47,7 +44,7 @@ def read_patients(data: str, split_file: Path, split: str):
     """The labelled slices of SPLIT's patients: ids, slice indices, images, masks (slice order)."""
     from brainseg_ray.data import schema
     from brainseg_ray.data.split import read_split_file
-    from brainseg_ray.data.tables import decode_tensor, read_slices_table
+    from brainseg_ray.data.tables import decode_tensor, keep_labelled_patients, read_slices_table
 
     if not split_file.is_file():
         raise ValueError(f"{split_file}: no split file (the build's `brainseg split` writes it)")
@@ -58,8 +55,7 @@ def read_patients(data: str, split_file: Path, split: str):
         table = read_slices_table(data, columns=["patient_id", "slice_index", "image", "mask", "labelled"])
     except FileNotFoundError:
         raise ValueError(f"{data}: not an ingested dataset (no slices/ folder)") from None
-    table = table.filter(pc.and_(pc.is_in(table.column("patient_id"), value_set=pa.array(patients, pa.string())),
-                                 pc.fill_null(table.column("labelled"), False)))
+    table = keep_labelled_patients(table, patients)
     missing = sorted(set(patients) - set(table.column("patient_id").to_pylist()))
     if missing:
         raise ValueError(f"{split_file}: {len(missing)} patients have no labelled slices in {data}, e.g. {missing[0]}")
@@ -73,7 +69,7 @@ def grid(work: Path, data: str, split: str = "test", batch: int = 32) -> dict:
 
     ensure_torchvision_importable()
     from brainseg_ray.config import SegmenterConfig
-    from brainseg_ray.inference.postprocess import postprocess
+    from brainseg_ray.inference.postprocess import PostprocessOptions, postprocess
     from brainseg_ray.inference.segmenter import Segmenter
     from brainseg_ray.train.metrics import SegmentationMetrics, slice_counts
 
@@ -88,10 +84,9 @@ def grid(work: Path, data: str, split: str = "test", batch: int = 32) -> dict:
         segmenter = Segmenter(SegmenterConfig(model=str(models[stage]), tta=tta, precision="fp32"))
         probabilities[stage, tta] = np.concatenate(
             [segmenter.probabilities(images[i:i + batch]) for i in range(0, len(images), batch)])
-        base = segmenter.options
     for row in rows:
-        options = dataclasses.replace(base, threshold=row["threshold"],
-                                      **{k: v for k, v in row["postprocess"].items() if k != "tta"})
+        options = PostprocessOptions(threshold=row["threshold"],
+                                     **{k: v for k, v in row["postprocess"].items() if k != "tta"})
         masks = postprocess(probabilities[row["stage"], row["postprocess"]["tta"]], options, ids, slices)
         metrics = SegmentationMetrics()
         metrics.update_counts(ids, *slice_counts(masks.astype(bool), truth))

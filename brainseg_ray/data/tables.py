@@ -95,7 +95,8 @@ def tumour_slices_by_patient(uri: str, s3: storage.S3Options | None = None) -> d
     return counts
 
 
-def _keep_labelled_patients(batch: pa.Table, patients: list[str]) -> pa.Table:
+def keep_labelled_patients(batch: pa.Table, patients: list[str]) -> pa.Table:
+    """The labelled slices of `patients` in a slices table, without its `labelled` column."""
     import pyarrow.compute as pc
 
     keep = pc.and_(pc.is_in(batch.column("patient_id"), value_set=pa.array(patients, pa.string())),
@@ -121,6 +122,6 @@ def patients_dataset(uri: str, s3: storage.S3Options | None, patients: list[str]
     finally:
         context.use_datasource_v2 = default_reader
     ds = ds.select_columns([*columns, "labelled"])
-    ds = ds.map_batches(_keep_labelled_patients, fn_kwargs={"patients": sorted(patients)},
+    ds = ds.map_batches(keep_labelled_patients, fn_kwargs={"patients": sorted(patients)},
                         batch_format="pyarrow", batch_size=None)
     return ds.random_shuffle(seed=shuffle_seed) if shuffle_seed is not None else ds
