@@ -198,7 +198,7 @@ def test_resume_after_the_job_is_killed(ray_local, synthetic_dataset, tmp_path, 
     assert history[0]["train_loss"] == done_before[0]["train_loss"]
     assert "resumed after epoch" in second.stdout
     assert all(row["train_samples"] == 8 and row["train_foreground_crops"] <= 4 for row in history)
-    assert sum(row["train_foreground_crops"] for row in history) >= 21  # about half of the 64 crops
+    assert sum(row["train_foreground_crops"] for row in history) >= 22  # about half of the 64 crops; at least a third, as before
     # The cosine schedule ran over the 16 steps of both processes: it ends at its floor.
     assert history[-1]["lr"] == pytest.approx(TrainConfig().lr / 1000, rel=1e-3)
     meta = load_artifact(str(out / "model")).metadata
