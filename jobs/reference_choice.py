@@ -16,6 +16,9 @@ and sensitivity, the figure the acceptance found furthest short, counts as much 
     python jobs/reference_choice.py best WORK NAME...   # the chosen of WORK/choice/NAME/report.json
     python jobs/reference_choice.py threshold REPORT    # the chosen cut of REPORT's own and its sweep's
     python jobs/reference_choice.py pooled CV ROUND OUT # ROUND's (fold-K, or final) pooled choice, as JSON
+    python jobs/reference_choice.py ready ROUND         # exit 0 if ROUND's grid can be chosen on, else 1 and why
+    python jobs/reference_choice.py preview CV SHIPPED  # the pooled recipe's CV figures from its grids alone,
+                                                        # against SHIPPED's recorded rounds (docs/reference-cv/MODEL)
 """
 
 from __future__ import annotations
@@ -102,6 +105,60 @@ def choose_pooled(grids: dict[str, dict], round_name: str) -> dict:
             "num_patients": sum(len(g["patients"]) for g in others.values()), "candidates": len(ranked)}
 
 
+def preview(grids: dict[str, dict]) -> dict:
+    """Each round's pooled choice with the figures its own grid gives that candidate on its own test
+    patients, and those pooled: the cross-validation figures of CHOICE=pooled before any round is
+    exported (a grid's candidate scores as `brainseg evaluate` does at its settings)."""
+    rounds, own = {}, {}
+    for name, grid in sorted(grids.items()):
+        chosen = choose_pooled(grids, name)
+        own[name] = next(c for c in grid["candidates"] if c["name"] == chosen["name"])["metrics"]
+        alone = pool({name: own[name]})
+        rounds[name] = {"name": chosen["name"], "patient_dice_mean": alone["patient_dice_mean"],
+                        "sensitivity": alone["detection"]["sensitivity"],
+                        "specificity": alone["detection"]["specificity"]}
+    pooled = pool(own)
+    return {"rounds": rounds, "pooled": pooled, "sum": recipe_sum(pooled)}
+
+
+def recipe_sum(pooled: dict) -> float:
+    """Pooled patient Dice + detection sensitivity + specificity: what the pooled recipe must beat the
+    shipped one by to replace it (docs/training.md, fixed before its figures)."""
+    d = pooled["detection"]
+    return pooled["patient_dice_mean"] + d["sensitivity"] + d["specificity"]
+
+
+def recorded_sum(records: Path) -> float:
+    """`recipe_sum` of a recorded cross-validation's rounds (RECORDS/fold-*/test-score.json: the bulk
+    job's mask files)."""
+    rounds = {p.parent.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(records).glob("fold-*/test-score.json"))}
+    if not rounds:
+        raise ValueError(f"no fold-*/test-score.json under {records}")
+    return recipe_sum(pool(rounds))
+
+
+def grid_state(round_dir: Path) -> str | None:
+    """None if the round's grid.json can be chosen on: the round is exported (its choice made and
+    scored, e.g. restored from its record), or the grid scored the stage models now on disk. Else
+    why not: a grid of models that are gone or were retrained would choose for models that are not
+    the ones exported (CPU training is not bit-reproducible)."""
+    round_dir = Path(round_dir)
+    if not (round_dir / "grid.json").is_file():
+        return "no grid.json"
+    if (round_dir / "test-exported" / "report.json").is_file():
+        return None
+    scored = json.loads((round_dir / "grid.json").read_text()).get("models")
+    if not scored:
+        return "its grid.json does not name the models it scored"
+    for stage, sha in sorted(scored.items()):
+        artifact = round_dir / stage / "model" / "model.json"
+        if not artifact.is_file():
+            return f"{stage}'s model, which its grid scored, is not here"
+        if json.loads(artifact.read_text()).get("weights_sha256") != sha:
+            return f"{stage}'s model is not the one its grid scored"
+    return None
+
+
 def read_grids(cv: Path) -> dict[str, dict]:
     return {p.parent.name: json.loads(p.read_text()) for p in sorted(Path(cv).glob("fold-*/grid.json"))}
 
@@ -111,16 +168,45 @@ def main(argv: list[str]) -> int:
         print(best(Path(argv[1]), argv[2:]))
     elif len(argv) == 2 and argv[0] == "threshold":
         print("%g" % best_threshold(json.loads(Path(argv[1]).read_text())["models"][0]))
+    elif len(argv) == 2 and argv[0] == "ready":
+        why = grid_state(Path(argv[1]))
+        if why:
+            print(why)
+            return 1
     elif len(argv) == 4 and argv[0] == "pooled":
-        chosen = choose_pooled(read_grids(Path(argv[1])), argv[2])
+        grids = read_grids(Path(argv[1]))
+        stale = {name: grid_state(Path(argv[1]) / name) for name in grids if name != argv[2]}
+        stale = {name: why for name, why in stale.items() if why}
+        if stale:
+            print(f"reference_choice: {argv[2]} is not chosen on grids that are not of their models: "
+                  + "; ".join(f"{name}: {why}" for name, why in stale.items()), file=sys.stderr)
+            return 2
+        chosen = choose_pooled(grids, argv[2])
         Path(argv[3]).write_text(json.dumps(chosen, indent=1))
         print(f"{argv[2]}: {chosen['name']} (score {chosen['score']:.4f} on {chosen['num_patients']} patients of "
               f"{', '.join(chosen['chosen_on'])})")
+    elif len(argv) == 3 and argv[0] == "preview":
+        grids = read_grids(Path(argv[1]))
+        if not grids:
+            raise ValueError(f"no fold-*/grid.json under {argv[1]}")
+        shown, bar = preview(grids), recorded_sum(Path(argv[2]))
+        for name, r in shown["rounds"].items():
+            print(f"{name}: {r['name']:<30} own test patients: Dice {r['patient_dice_mean']:.4f}, "
+                  f"sensitivity {r['sensitivity']:.4f}, specificity {r['specificity']:.4f}")
+        p = shown["pooled"]
+        print(f"pooled over {p['num_patients']} patients of {len(shown['rounds'])} round(s): Dice "
+              f"{p['patient_dice_mean']:.4f} (median {p['patient_dice_median']:.4f}), sensitivity "
+              f"{p['detection']['sensitivity']:.4f}, specificity {p['detection']['specificity']:.4f}: sum "
+              f"{shown['sum']:.4f} against {bar:.4f} of {argv[2]}: " + ("beats it" if shown["sum"] > bar else "does not beat it"))
     else:
-        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-3:]), file=sys.stderr)
+        print("usage:\n" + "\n".join(__doc__.strip().splitlines()[-6:]), file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except ValueError as e:  # a bad folder or grid: one line, not a traceback
+        print(f"reference_choice: {e}", file=sys.stderr)
+        sys.exit(2)

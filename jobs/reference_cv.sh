@@ -17,7 +17,8 @@
 # grid of candidates on its test patients (jobs/reference_grid.py: grid.json, recorded), then, once
 # all five grids exist, takes the candidate jobs/reference_choice.py's pooled rule ranks first over
 # the other four rounds' 40 patients, and is exported and scored with it; the final model takes
-# the one ranked first over all 50.
+# the one ranked first over all 50. A grid counts only while the models it scored are on disk (or
+# its round is exported): a round restored from its record without them trains and is scored again.
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
@@ -72,7 +73,8 @@ for k in "${FOLDS[@]}"; do
       "(make browser, then rerun the same command to add it)" >&2
   fi
   if [ "$CHOICE" = pooled ]; then  # train and score the grid now; choose once every round has its grid
-    if [ ! -f "$round/test-exported/report.json" ] && [ ! -f "$round/grid.json" ]; then
+    if ! why=$($PYTHON "$JOBS/reference_choice.py" ready "$round"); then
+      echo "round $k: $why: training it (a trained stage is kept, a part-trained one resumes) and scoring its grid"
       SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$JOBS/reference_model.sh" "$DATA" "$round"
       $PYTHON "$JOBS/reference_grid.py" "$round" --data "$WORK/dataset"
       [ -z "$RECORDS" ] || copy_record "$round" "$record"
@@ -85,8 +87,8 @@ for k in "${FOLDS[@]}"; do
 done
 if [ "$CHOICE" = pooled ]; then
   for k in $(seq 0 $((K - 1))); do
-    if [ ! -f "$WORK/fold-$k/grid.json" ]; then
-      echo "reference_cv.sh: the rounds choose once all $K have a grid; round $k has none yet (rerun with it)"
+    if ! why=$($PYTHON "$JOBS/reference_choice.py" ready "$WORK/fold-$k"); then
+      echo "reference_cv.sh: the rounds choose once all $K have a grid of their models; round $k: $why (rerun with it)"
       exit 0
     fi
   done

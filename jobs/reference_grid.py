@@ -6,7 +6,9 @@ The candidates are every combination of the training stage, flip TTA, a one-slic
 threshold and a per-patient 3-D step (the constants below). One forward pass per stage and TTA setting
 gives the probabilities; each candidate's masks are the Segmenter's post-processing of them, so a
 candidate's figures are what `brainseg evaluate` gives at the same settings. Writes WORK/grid.json:
-the patients, then per candidate its settings and its metrics (`brainseg evaluate`'s keys).
+the patients, the SHA-256 of each stage's weights it scored (a retrained round's grid is stale:
+jobs/reference_choice.py `ready`), then per candidate its settings and its metrics (`brainseg
+evaluate`'s keys).
 
     python jobs/reference_grid.py WORK --data DATASET [--split test]
 """
@@ -91,7 +93,8 @@ def grid(work: Path, data: str, split: str = "test", batch: int = 32) -> dict:
         metrics = SegmentationMetrics()
         metrics.update_counts(ids, *slice_counts(masks.astype(bool), truth))
         row["metrics"] = metrics.compute()
-    return {"split": split, "patients": patients, "num_slices": len(ids), "candidates": rows}
+    scored = {stage: json.loads((m / "model.json").read_text())["weights_sha256"] for stage, m in models.items()}
+    return {"split": split, "patients": patients, "num_slices": len(ids), "models": scored, "candidates": rows}
 
 
 def main(argv: list[str]) -> int:

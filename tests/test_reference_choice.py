@@ -143,10 +143,21 @@ def test_grids_of_different_candidates_or_none_to_choose_on_are_refused():
         reference_choice.choose_pooled({"fold-0": GRIDS["fold-0"]}, "fold-0")
 
 
+def _trained_round(folder: Path, grid: dict, scored: dict[str, str] | None = None,
+                   on_disk: dict[str, str] | None = None) -> None:
+    """A round's folder: its grid, naming the weights it `scored`, and the stage models `on_disk`."""
+    scored = {"stage1": "sha-1", "stage2": "sha-2"} if scored is None else scored
+    on_disk = scored if on_disk is None else on_disk
+    folder.mkdir(parents=True)
+    (folder / "grid.json").write_text(json.dumps({**grid, **({"models": scored} if scored else {})}))
+    for stage, sha in on_disk.items():
+        (folder / stage / "model").mkdir(parents=True)
+        (folder / stage / "model" / "model.json").write_text(json.dumps({"weights_sha256": sha}))
+
+
 def test_the_pooled_command_writes_the_choice_the_rebuild_script_reads(tmp_path):
     for name, grid in GRIDS.items():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "grid.json").write_text(json.dumps(grid))
+        _trained_round(tmp_path / name, grid)
     out = tmp_path / "fold-0" / "chosen.json"
     done = subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "pooled", str(tmp_path), "fold-0",
                            str(out)], capture_output=True, text=True, check=True)
@@ -173,3 +184,71 @@ def test_the_card_lists_the_pooled_ranking_the_rule_made_and_marks_its_choice():
                                           Path("fold-1"): ("stage 1", {"threshold": 0.3, "postprocess": {}})}, 5, chosen)
     assert limit.startswith("- The 2 rounds, each choosing on the other rounds' test patients, made 2 different")
     assert "made on all 4 patients" in limit
+
+
+SHAS = {"stage1": "sha-1", "stage2": "sha-2"}
+
+
+@pytest.mark.parametrize(("scored", "on_disk", "exported", "why"), [
+    (SHAS, SHAS, False, None),  # the grid of the models on disk
+    ({}, SHAS, False, "its grid.json does not name the models it scored"),  # a grid older than the check
+    (SHAS, {"stage1": "sha-1"}, False, "stage2's model, which its grid scored, is not here"),
+    (SHAS, {}, False, "stage1's model, which its grid scored, is not here"),  # restored from its record
+    (SHAS, {"stage1": "sha-1", "stage2": "retrained"}, False, "stage2's model is not the one its grid scored"),
+    (SHAS, {}, True, None),  # exported: chosen and scored with the models it had, its record is final
+])
+def test_a_grid_counts_only_with_the_models_it_scored_or_once_its_round_is_exported(tmp_path, scored, on_disk,
+                                                                                    exported, why):
+    _trained_round(tmp_path / "fold-0", GRIDS["fold-0"], scored, on_disk)
+    if exported:
+        (tmp_path / "fold-0" / "test-exported").mkdir()
+        (tmp_path / "fold-0" / "test-exported" / "report.json").write_text("{}")
+    assert reference_choice.grid_state(tmp_path / "fold-0") == why
+    ready = subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "ready", str(tmp_path / "fold-0")],
+                           capture_output=True, text=True)
+    assert (ready.returncode, ready.stdout.strip()) == ((0, "") if why is None else (1, why))
+    assert reference_choice.grid_state(tmp_path / "fold-9") == "no grid.json"
+
+
+def test_the_pooled_command_refuses_grids_of_models_that_are_gone_in_one_line(tmp_path):
+    _trained_round(tmp_path / "fold-0", GRIDS["fold-0"], on_disk={})  # its own grid is not chosen on
+    _trained_round(tmp_path / "fold-1", GRIDS["fold-1"], on_disk={})
+    _trained_round(tmp_path / "fold-2", GRIDS["fold-2"], scored={})
+    out = tmp_path / "fold-0" / "chosen.json"
+    done = subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "pooled", str(tmp_path), "fold-0",
+                           str(out)], capture_output=True, text=True)
+    assert done.returncode == 2 and not out.exists()
+    assert done.stderr.strip() == ("reference_choice: fold-0 is not chosen on grids that are not of their models: "
+                                   "fold-1: stage1's model, which its grid scored, is not here; "
+                                   "fold-2: its grid.json does not name the models it scored")
+
+
+def test_the_preview_pools_each_rounds_choice_at_its_own_grids_figures():
+    shown = reference_choice.preview(GRIDS)
+    # fold-0 takes a (fold-1 and fold-2 pooled); fold-1 and fold-2 take b, fold-0's patient swinging it.
+    assert {name: r["name"] for name, r in shown["rounds"].items()} == {"fold-0": "a", "fold-1": "b", "fold-2": "b"}
+    assert shown["rounds"]["fold-1"]["patient_dice_mean"] == pytest.approx(0.7)
+    assert shown["rounds"]["fold-1"]["sensitivity"] == pytest.approx(6 / 10)
+    pooled = shown["pooled"]  # a's figures on p0, b's on p1-p3; detection from the summed counts
+    assert pooled["patient_dice"] == pytest.approx({"p0": 0.2, "p1": 0.7, "p2": 0.7, "p3": 0.85})
+    assert pooled["detection"]["sensitivity"] == pytest.approx(15 / 25)
+    assert pooled["detection"]["specificity"] == pytest.approx(24 / 30)
+    assert shown["sum"] == pytest.approx(0.6125 + 0.6 + 0.8)
+
+
+def test_the_preview_command_compares_with_a_recorded_cross_validation(tmp_path):
+    grids, records = tmp_path / "cv", tmp_path / "records"
+    for name, grid in GRIDS.items():
+        _trained_round(grids / name, grid)
+    for name, dice, detection in (("fold-0", {"q0": 0.5}, (5, 1, 5, 9)), ("fold-1", {"q1": 0.7}, (5, 1, 5, 9))):
+        (records / name).mkdir(parents=True)
+        (records / name / "test-score.json").write_text(json.dumps({"metrics": _candidate("x", dice, detection)["metrics"]}))
+    assert reference_choice.recorded_sum(records) == pytest.approx(0.6 + 10 / 20 + 18 / 20)
+    run = [sys.executable, str(JOBS / "reference_choice.py"), "preview", str(grids), str(records)]
+    done = subprocess.run(run, capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("fold-0: a ") and "Dice 0.2000, sensitivity 0.2000, specificity 0.5000" in lines[0]
+    assert lines[-1] == (f"pooled over 4 patients of 3 round(s): Dice 0.6125 (median 0.7000), sensitivity 0.6000, "
+                         f"specificity 0.8000: sum 2.0125 against 2.0000 of {records}: beats it")
+    empty = subprocess.run([*run[:-1], str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.strip() == f"reference_choice: no fold-*/test-score.json under {tmp_path / 'none'}"

@@ -183,7 +183,7 @@ if cmd == "split":
     Path(opt("--out")).write_text(json.dumps({"splits": {f"p{i}": "test" if i == k else "train" for i in range(5)}}))
 elif cmd == "train":
     (Path(opt("--out")) / "model").mkdir(parents=True, exist_ok=True)
-    (Path(opt("--out")) / "model" / "model.json").write_text("{}")
+    (Path(opt("--out")) / "model" / "model.json").write_text(json.dumps({"weights_sha256": "retrained"}))
 elif cmd == "export":
     Path(opt("--out")).mkdir(parents=True, exist_ok=True)
     (Path(opt("--out")) / "model.json").write_text(json.dumps({"model": {"name": os.environ["MODEL"]}}))
@@ -210,12 +210,29 @@ def _grid_of(patient: str, best: str, dice: tuple[float, float] = (0.9, 0.4)) ->
     return {"patients": [patient], "candidates": [candidate("early", 0.5, 0), candidate("late", 0.3, 64)]}
 
 
+STUB_GRID = r'''"""A stand-in for jobs/reference_grid.py: the round's test patient's grid (favouring `early`),
+naming the stage models it scored, as the real one does."""
+import json, sys
+from pathlib import Path
+
+work = Path(sys.argv[1])
+patient = next(p for p, s in json.loads((work / "split.json").read_text())["splits"].items() if s == "test")
+grid = json.loads(TEMPLATE.replace("PATIENT", patient))
+grid["models"] = {s: json.loads((work / s / "model" / "model.json").read_text())["weights_sha256"]
+                  for s in ("stage1", "stage2")}
+(work / "grid.json").write_text(json.dumps(grid))
+'''
+
+
 @pytest.fixture
 def pooled_run(tmp_path):
     """A WORK whose five rounds trained and scored their grids (rounds 0-2 favour `late`, 3-4
     `early`, round 4 strongly), a stub brainseg on a PATH without a browser, and the data folder's
     patients."""
     work, bin_dir, data = tmp_path / "work", tmp_path / "bin", tmp_path / "data"
+    jobs = shutil.copytree(SCRIPT.parent, tmp_path / "jobs")  # the scripts, reference_grid.py stubbed
+    (jobs / "reference_grid.py").write_text(STUB_GRID.replace(
+        "TEMPLATE", repr(json.dumps(_grid_of("PATIENT", "early")))))
     bin_dir.mkdir()
     for tool in ("bash", "cp", "mkdir", "dirname", "seq", "find", "head", "ln", "cat"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
@@ -227,14 +244,15 @@ def pooled_run(tmp_path):
         (data / "kaggle_3m" / f"p{k}").mkdir(parents=True)
         for stage in ("stage1", "stage2"):
             (work / f"fold-{k}" / stage / "model").mkdir(parents=True)
-            (work / f"fold-{k}" / stage / "model" / "model.json").write_text("{}")
-        (work / f"fold-{k}" / "grid.json").write_text(json.dumps(
-            _grid_of(f"p{k}", "late" if k < 3 else "early", (0.95, 0.1) if k == 4 else (0.9, 0.4))))
+            (work / f"fold-{k}" / stage / "model" / "model.json").write_text(json.dumps({"weights_sha256": f"{k}{stage}"}))
+        grid = _grid_of(f"p{k}", "late" if k < 3 else "early", (0.95, 0.1) if k == 4 else (0.9, 0.4))
+        grid["models"] = {"stage1": f"{k}stage1", "stage2": f"{k}stage2"}
+        (work / f"fold-{k}" / "grid.json").write_text(json.dumps(grid))
 
     def run(*folds: str) -> subprocess.CompletedProcess:
         env = {**os.environ, "PATH": str(bin_dir), "MODEL": "unet-efficientnet-lite2", "CHOICE": "pooled",
                "RECORDS": str(tmp_path / "records"), "PYTHON": sys.executable, "STUB_LOG": str(tmp_path / "log")}
-        return subprocess.run(["bash", str(SCRIPT.with_suffix(".sh")), str(data), str(work), *folds],
+        return subprocess.run(["bash", str(jobs / "reference_cv.sh"), str(data), str(work), *folds],
                               env=env, capture_output=True, text=True, timeout=120)
     return run, work, tmp_path
 
@@ -276,9 +294,41 @@ def test_pooled_rounds_wait_for_every_rounds_grid(pooled_run):
     done = run("1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == \
-        "reference_cv.sh: the rounds choose once all 5 have a grid; round 4 has none yet (rerun with it)"
+        "reference_cv.sh: the rounds choose once all 5 have a grid of their models; round 4: no grid.json (rerun with it)"
     assert not (work / "fold-1" / "chosen.json").exists() and not (tmp_path / "log").exists()
     assert not (work / "cv-score.json").exists()
+
+
+def test_pooled_rounds_wait_for_a_retrained_rounds_grid(pooled_run):
+    # Round 2's stage 2 was trained again since its grid was scored: no round chooses on that grid.
+    run, work, tmp_path = pooled_run
+    (work / "fold-2" / "stage2" / "model" / "model.json").write_text(json.dumps({"weights_sha256": "again"}))
+    done = run("1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == ("reference_cv.sh: the rounds choose once all 5 have a grid of "
+                                                    "their models; round 2: stage2's model is not the one its grid "
+                                                    "scored (rerun with it)")
+    assert not (work / "fold-1" / "chosen.json").exists()
+
+
+def test_a_round_restored_without_its_models_trains_and_is_scored_again_before_any_choice(pooled_run):
+    # Round 4's grid is from its record; the models it scored are not on this machine.
+    run, work, tmp_path = pooled_run
+    for stage in ("stage1", "stage2"):
+        shutil.rmtree(work / "fold-4" / stage)
+    done = run("4")
+    assert done.returncode == 0, done.stderr
+    assert "round 4: stage1's model, which its grid scored, is not here: training it" in done.stdout
+    calls = _calls(tmp_path)
+    trained = [c[c.index("--out") + 1] for c in calls if c[0] == "train"]
+    assert trained == [str(work / "fold-4" / "stage1"), str(work / "fold-4" / "stage2")]
+    grid = json.loads((work / "fold-4" / "grid.json").read_text())
+    assert grid["models"] == {"stage1": "retrained", "stage2": "retrained"}  # scored again, on the new models
+    assert (tmp_path / "records" / "fold-4" / "grid.json").read_text() == (work / "fold-4" / "grid.json").read_text()
+    # Then chosen on the other four grids, exported and scored.
+    assert json.loads((work / "fold-4" / "chosen.json").read_text())["chosen_on"] == ["fold-0", "fold-1", "fold-2",
+                                                                                      "fold-3"]
+    assert [c[0] for c in calls if c[0] in ("export", "segment", "score")] == ["export", "segment", "score"]
 
 
 def test_train_only_stops_after_the_two_stages(pooled_run):

@@ -55,6 +55,10 @@ def test_each_candidates_figures_are_what_evaluate_gives_at_its_settings(build, 
     assert result["patients"] == sorted(json.loads((build / "split.json").read_text())["splits"])[:2]
     rows = {r["name"]: r for r in result["candidates"]}
     assert len(rows) == 144
+    # The weights it scored, by which a retrained round's grid is known to be stale.
+    assert result["models"] == {s: json.loads((build / s / "model" / "model.json").read_text())["weights_sha256"]
+                                for s in ("stage1", "stage2")}
+    assert result["models"]["stage1"] != result["models"]["stage2"]
     for name in ("stage1 none 0.5 3d-none", "stage1 tta-peak90 0.3 3d-largest", "stage2 px64 0.2 3d-fifth"):
         row = rows[name]
         report = evaluate(EvaluateConfig(
