@@ -29,7 +29,7 @@ from pathlib import Path
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path (the tests, the card)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_cv import pool  # noqa: E402  (beside this script)
+from reference_cv import pool, pool_rounds  # noqa: E402  (beside this script)
 
 TTA_COST = 0.01  # what flip TTA must gain to be worth three forward passes a slice
 
@@ -123,18 +123,18 @@ def preview(grids: dict[str, dict]) -> dict:
 
 def recipe_sum(pooled: dict) -> float:
     """Pooled patient Dice + detection sensitivity + specificity: what the pooled recipe must beat the
-    shipped one by to replace it (docs/training.md, fixed before its figures)."""
-    d = pooled["detection"]
-    return pooled["patient_dice_mean"] + d["sensitivity"] + d["specificity"]
+    shipped one by to replace it (docs/training.md, fixed before its figures). The pooled rule's
+    score without the TTA cost: the shipped figures carry none."""
+    return pooled_score(pooled, tta=False)
 
 
 def recorded_sum(records: Path) -> float:
-    """`recipe_sum` of a recorded cross-validation's rounds (RECORDS/fold-*/test-score.json: the bulk
-    job's mask files)."""
-    rounds = {p.parent.name: json.loads(p.read_text())["metrics"] for p in sorted(Path(records).glob("fold-*/test-score.json"))}
-    if not rounds:
+    """`recipe_sum` of a recorded cross-validation's rounds, from the bulk job's mask files, as its
+    cv-score.json and card pool them (jobs/reference_cv.py)."""
+    folders = sorted(p.parent for p in Path(records).glob("fold-*/test-score.json"))
+    if not folders:
         raise ValueError(f"no fold-*/test-score.json under {records}")
-    return recipe_sum(pool(rounds))
+    return recipe_sum(pool_rounds(folders)["segment"])
 
 
 def grid_state(round_dir: Path) -> str | None:

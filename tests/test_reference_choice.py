@@ -241,8 +241,10 @@ def test_the_preview_command_compares_with_a_recorded_cross_validation(tmp_path)
     for name, grid in GRIDS.items():
         _trained_round(grids / name, grid)
     for name, dice, detection in (("fold-0", {"q0": 0.5}, (5, 1, 5, 9)), ("fold-1", {"q1": 0.7}, (5, 1, 5, 9))):
-        (records / name).mkdir(parents=True)
-        (records / name / "test-score.json").write_text(json.dumps({"metrics": _candidate("x", dice, detection)["metrics"]}))
+        metrics = _candidate("x", dice, detection)["metrics"]
+        (records / name / "test-exported").mkdir(parents=True)
+        (records / name / "test-score.json").write_text(json.dumps({"metrics": metrics}))
+        (records / name / "test-exported" / "report.json").write_text(json.dumps({"models": [{"metrics": metrics}]}))
     assert reference_choice.recorded_sum(records) == pytest.approx(0.6 + 10 / 20 + 18 / 20)
     run = [sys.executable, str(JOBS / "reference_choice.py"), "preview", str(grids), str(records)]
     done = subprocess.run(run, capture_output=True, text=True, check=True)
