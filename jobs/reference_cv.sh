@@ -13,12 +13,13 @@
 # is restored into WORK instead of run, so rounds run in different sessions or on different
 # machines pool together.
 # CHOICE=pooled chooses each round's stage, threshold and post-processing on the other rounds'
-# test patients instead of its own 5 validation patients: every round first trains and scores the
-# grid of candidates on its test patients (jobs/reference_grid.py: grid.json, recorded), then, once
-# all five grids exist, takes the candidate jobs/reference_choice.py's pooled rule ranks first over
-# the other four rounds' 40 patients, and is exported and scored with it; the final model takes
-# the one ranked first over all 50. A grid counts only while the models it scored are on disk (or
-# its round is exported): a round restored from its record without them trains and is scored again.
+# test patients instead of its own 5 validation patients: a round trains and scores the grid of
+# candidates on its test patients (jobs/reference_grid.py: grid.json, recorded), then, once the
+# other four rounds have a grid (here or in RECORDS), takes the candidate jobs/reference_choice.py's
+# pooled rule ranks first over their 40 patients, and is exported and scored with it, so one
+# round finishes in one session; the final model takes the one ranked first over all 50 once
+# every round is exported. A round's own grid counts only while the models it scored are on disk
+# (or it is exported): a round without them trains and is scored again before it is exported.
 set -euo pipefail
 DATA=${1:-../shared/data/lgg-dev}
 WORK=${2:-out/reference-cv}
@@ -72,36 +73,39 @@ for k in "${FOLDS[@]}"; do
     echo "reference_cv.sh: round $k gets no web check: chromium and chromedriver are not on PATH" \
       "(make browser, then rerun the same command to add it)" >&2
   fi
-  if [ "$CHOICE" = pooled ]; then  # train and score the grid now; choose once every round has its grid
-    if ! why=$($PYTHON "$JOBS/reference_choice.py" ready "$round"); then
-      echo "round $k: $why: training it (a trained stage is kept, a part-trained one resumes) and scoring its grid"
-      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$JOBS/reference_model.sh" "$DATA" "$round"
-      $PYTHON "$JOBS/reference_grid.py" "$round" --data "$WORK/dataset"
-      [ -z "$RECORDS" ] || copy_record "$round" "$record"
+  if [ "$CHOICE" = pooled ]; then
+    if [ ! -f "$round/test-exported/report.json" ]; then
+      if ! why=$($PYTHON "$JOBS/reference_choice.py" ready "$round"); then
+        echo "round $k: $why: training it (a trained stage is kept, a part-trained one resumes) and scoring its grid"
+        SPLIT=$(split_of "$k") DATASET="$WORK/dataset" TRAIN_ONLY=1 bash "$JOBS/reference_model.sh" "$DATA" "$round"
+        $PYTHON "$JOBS/reference_grid.py" "$round" --data "$WORK/dataset"
+        [ -z "$RECORDS" ] || copy_record "$round" "$record"
+      fi
+      missing=
+      for j in $(seq 0 $((K - 1))); do  # the other rounds' grids, from their records where not here
+        [ "$j" != "$k" ] || continue
+        if [ ! -f "$WORK/fold-$j/grid.json" ] && [ -n "$RECORDS" ] && [ -f "$RECORDS/fold-$j/grid.json" ]; then
+          mkdir -p "$WORK/fold-$j" && cp "$RECORDS/fold-$j/grid.json" "$WORK/fold-$j/grid.json"
+        fi
+        [ -f "$WORK/fold-$j/grid.json" ] || missing=$j
+      done
+      if [ -n "$missing" ]; then
+        echo "reference_cv.sh: round $k chooses once the other $((K - 1)) rounds have a grid; round $missing has none (rerun with it)"
+        continue
+      fi
+      $PYTHON "$JOBS/reference_choice.py" pooled "$WORK" "fold-$k" "$round/chosen.json"
+      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 CHOICE="$round/chosen.json" \
+        bash "$JOBS/reference_model.sh" "$DATA" "$round"
     fi
+    finish "$k"
     continue
   fi
   [ -f "$round/test-exported/report.json" ] ||  # the round's last step
     SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 bash "$JOBS/reference_model.sh" "$DATA" "$round"
   finish "$k"
 done
-if [ "$CHOICE" = pooled ]; then
-  for k in $(seq 0 $((K - 1))); do
-    if ! why=$($PYTHON "$JOBS/reference_choice.py" ready "$WORK/fold-$k"); then
-      echo "reference_cv.sh: the rounds choose once all $K have a grid of their models; round $k: $why (rerun with it)"
-      exit 0
-    fi
-  done
-  for k in "${FOLDS[@]}"; do
-    round=$WORK/fold-$k
-    if [ ! -f "$round/test-exported/report.json" ]; then
-      $PYTHON "$JOBS/reference_choice.py" pooled "$WORK" "fold-$k" "$round/chosen.json"
-      SPLIT=$(split_of "$k") DATASET="$WORK/dataset" PACKAGE=0 CHOICE="$round/chosen.json" \
-        bash "$JOBS/reference_model.sh" "$DATA" "$round"
-    fi
-    finish "$k"
-  done
-fi
+# Pooled over the rounds exported so far (none yet: nothing to pool).
+compgen -G "$WORK/fold-*/test-score.json" >/dev/null || exit 0
 $PYTHON "$JOBS/reference_cv.py" "$WORK"
 for k in $(seq 0 $((K - 1))); do
   [ -f "$WORK/fold-$k/test-exported/report.json" ] || exit 0  # the final model only after every round

@@ -163,7 +163,9 @@ def test_the_pooled_command_writes_the_choice_the_rebuild_script_reads(tmp_path)
                            str(out)], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("fold-0: a (score ") and "on 3 patients of fold-1, fold-2" in done.stdout
     chosen = json.loads(out.read_text())
-    assert chosen == reference_choice.choose_pooled(GRIDS, "fold-0")
+    assert chosen == reference_choice.choose_pooled(reference_choice.read_grids(tmp_path), "fold-0")
+    assert {k: v for k, v in chosen.items() if k != "grid_models"} == \
+        {k: v for k, v in reference_choice.choose_pooled(GRIDS, "fold-0").items() if k != "grid_models"}
     assert {"stage", "threshold", "postprocess"} <= set(chosen)
 
 
@@ -210,17 +212,19 @@ def test_a_grid_counts_only_with_the_models_it_scored_or_once_its_round_is_expor
     assert reference_choice.grid_state(tmp_path / "fold-9") == "no grid.json"
 
 
-def test_the_pooled_command_refuses_grids_of_models_that_are_gone_in_one_line(tmp_path):
-    _trained_round(tmp_path / "fold-0", GRIDS["fold-0"], on_disk={})  # its own grid is not chosen on
+def test_the_pooled_command_chooses_on_other_rounds_grids_whose_models_are_gone_and_names_them(tmp_path):
+    # A session that trained round 0 has only the other rounds' recorded grids: they still count,
+    # and the choice records which weights each of them scored.
+    _trained_round(tmp_path / "fold-0", GRIDS["fold-0"])
     _trained_round(tmp_path / "fold-1", GRIDS["fold-1"], on_disk={})
     _trained_round(tmp_path / "fold-2", GRIDS["fold-2"], scored={})
     out = tmp_path / "fold-0" / "chosen.json"
-    done = subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "pooled", str(tmp_path), "fold-0",
-                           str(out)], capture_output=True, text=True)
-    assert done.returncode == 2 and not out.exists()
-    assert done.stderr.strip() == ("reference_choice: fold-0 is not chosen on grids that are not of their models: "
-                                   "fold-1: stage1's model, which its grid scored, is not here; "
-                                   "fold-2: its grid.json does not name the models it scored")
+    subprocess.run([sys.executable, str(JOBS / "reference_choice.py"), "pooled", str(tmp_path), "fold-0", str(out)],
+                   capture_output=True, text=True, check=True)
+    chosen = json.loads(out.read_text())
+    assert chosen["name"] == reference_choice.choose_pooled(GRIDS, "fold-0")["name"]
+    assert chosen["chosen_on"] == ["fold-1", "fold-2"]
+    assert chosen["grid_models"] == {"fold-1": SHAS, "fold-2": None}
 
 
 def test_the_preview_pools_each_rounds_choice_at_its_own_grids_figures():

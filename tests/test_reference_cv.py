@@ -287,28 +287,55 @@ def test_pooled_rounds_choose_on_the_others_grids_then_export_and_score_with_it(
     assert not (work / "final").exists()  # the final model waits for all five rounds
 
 
-def test_pooled_rounds_wait_for_every_rounds_grid(pooled_run):
+def test_a_pooled_round_waits_for_every_other_rounds_grid(pooled_run):
     run, work, tmp_path = pooled_run
     (work / "fold-4" / "grid.json").unlink()
-    shutil.rmtree(work / "fold-4" / "stage2")  # round 4 is still training: "1" only grids round 1
+    shutil.rmtree(work / "fold-4" / "stage2")  # round 4 is still training
     done = run("1")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == \
-        "reference_cv.sh: the rounds choose once all 5 have a grid of their models; round 4: no grid.json (rerun with it)"
+        "reference_cv.sh: round 1 chooses once the other 4 rounds have a grid; round 4 has none (rerun with it)"
     assert not (work / "fold-1" / "chosen.json").exists() and not (tmp_path / "log").exists()
     assert not (work / "cv-score.json").exists()
 
 
-def test_pooled_rounds_wait_for_a_retrained_rounds_grid(pooled_run):
-    # Round 2's stage 2 was trained again since its grid was scored: no round chooses on that grid.
+def test_a_pooled_round_chooses_on_a_retrained_rounds_grid_then_that_rounds_grid_is_scored_again(pooled_run):
+    # Round 2's stage 2 was trained again since its grid was scored: its grid is still evidence for
+    # round 1 (named in round 1's choice), but round 2 scores its grid again before it is exported.
     run, work, tmp_path = pooled_run
     (work / "fold-2" / "stage2" / "model" / "model.json").write_text(json.dumps({"weights_sha256": "again"}))
     done = run("1")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == ("reference_cv.sh: the rounds choose once all 5 have a grid of "
-                                                    "their models; round 2: stage2's model is not the one its grid "
-                                                    "scored (rerun with it)")
-    assert not (work / "fold-1" / "chosen.json").exists()
+    chosen = json.loads((work / "fold-1" / "chosen.json").read_text())
+    assert chosen["grid_models"]["fold-2"] == {"stage1": "2stage1", "stage2": "2stage2"}
+    assert not [c for c in _calls(tmp_path) if c[0] == "train"]
+    done = run("2")
+    assert done.returncode == 0, done.stderr
+    assert "round 2: stage2's model is not the one its grid scored: training it" in done.stdout
+    # Both stages are trained (a finished stage is kept): the grid is scored on them.
+    assert json.loads((work / "fold-2" / "grid.json").read_text())["models"] == {"stage1": "2stage1",
+                                                                                "stage2": "again"}
+    assert json.loads((work / "fold-2" / "chosen.json").read_text())["chosen_on"] == ["fold-0", "fold-1", "fold-3",
+                                                                                      "fold-4"]
+    pooled = json.loads((work / "cv-score.json").read_text())["segment"]
+    assert pooled["rounds"] == ["fold-1", "fold-2"]
+
+
+def test_a_pooled_round_in_a_new_work_folder_chooses_on_the_recorded_grids(pooled_run):
+    # A new session: only round 4's models are here (it just trained); the others' grids are records.
+    run, work, tmp_path = pooled_run
+    for k in range(4):
+        (tmp_path / "records" / f"fold-{k}").mkdir(parents=True)
+        shutil.move(work / f"fold-{k}" / "grid.json", tmp_path / "records" / f"fold-{k}" / "grid.json")
+        shutil.rmtree(work / f"fold-{k}")
+    done = run("4")
+    assert done.returncode == 0, done.stderr
+    assert not [c for c in _calls(tmp_path) if c[0] == "train"]
+    chosen = json.loads((work / "fold-4" / "chosen.json").read_text())
+    assert chosen["chosen_on"] == ["fold-0", "fold-1", "fold-2", "fold-3"] and chosen["name"] == "late"
+    assert (tmp_path / "records" / "fold-4" / "test-exported" / "report.json").is_file()
+    assert json.loads((work / "cv-score.json").read_text())["segment"]["rounds"] == ["fold-4"]
+    assert not (work / "final").exists()
 
 
 def test_a_round_restored_without_its_models_trains_and_is_scored_again_before_any_choice(pooled_run):
